@@ -169,6 +169,13 @@ class ConsumerConfig(BaseModel):
     lease_s: float = Field(default=60.0, gt=0)
     #: an ETA further away than this is parked on the broker instead of held in memory
     max_hold_s: float = Field(default=1.0, ge=0)
+    #: store STARTED before a handler runs (Celery's task_track_started; one more write per task)
+    track_started: bool = False
+    store_errors_even_if_ignored: bool = False
+    #: the broker may be unreachable this long before the consumer reports itself unhealthy
+    health_grace_s: float = Field(default=30.0, ge=0)
+    #: the event loop may lag this long before the consumer reports itself unhealthy
+    max_loop_lag_s: float = Field(default=10.0, gt=0)
     hostname: str | None = None
 
     @property

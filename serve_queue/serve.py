@@ -1,0 +1,254 @@
+"""Ray Serve glue: a deployment class that consumes tasks on its replica's own event loop.
+
+``queue.consumer(...)`` (see ``TaskQueue.consumer``) returns ``consumer_deployment(queue,
+config)``: a class decorator, applied under ``@serve.deployment``, that subclasses the user's
+class and adds what Serve calls by name:
+
+- ``__init__``: the user's constructor, then the consumer starts on the replica's event loop
+  (no thread): every ``@task`` method of the instance is registered automatically;
+- ``check_health``: raises when the broker has been unreachable past the grace or the loop
+  stalled, so Serve replaces the replica (and recovers on its own within the grace);
+- ``record_autoscaling_stats``: backlog (ready + reserved + delayed), oldest message age and
+  running tasks, for ``BacklogPolicy`` or any custom policy;
+- ``async __del__``: stop fetching, let running handlers finish within the drain budget
+  (kept inside ``graceful_shutdown_timeout_s``), hand everything else back at once.
+
+Nothing here imports Ray at module import time; Ray is imported when a replica starts or a
+policy is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from serve_queue.config import ConsumerConfig
+from serve_queue.consumer import Consumer
+from serve_queue.errors import ConfigurationError, ServeQueueError
+from serve_queue.registry import Registry, task_options
+from serve_queue.types import BrokerAdapter, QueueDepth, ResultBackend
+
+__all__ = ["BacklogPolicy", "QueueSource", "consumer_deployment", "replica_consumer"]
+
+log = logging.getLogger("serve_queue.serve")
+
+C = TypeVar("C", bound=type)
+
+#: seconds kept back from Serve's graceful_shutdown_timeout_s to hand work back and close
+_SHUTDOWN_MARGIN_S = 2.0
+_STATE_ATTR = "_serve_queue_consumer"
+
+
+class QueueSource(Protocol):
+    """What the glue needs from a ``TaskQueue``: fresh adapters and result backends."""
+
+    def open_adapter(self) -> BrokerAdapter: ...
+
+    def open_results(self) -> ResultBackend: ...
+
+
+def consumer_deployment(queue: QueueSource, config: ConsumerConfig) -> Callable[[C], C]:
+    """Class decorator turning ``cls`` into a consumer deployment class (see module doc)."""
+
+    def decorate(cls: C) -> C:
+        names = _task_names(cls)
+        if not names:
+            raise ConfigurationError(f"{cls.__qualname__} has no @task methods to consume")
+        user_check = getattr(cls, "check_health", None)
+        user_del = getattr(cls, "__del__", None)
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            cls.__init__(self, *args, **kwargs)
+            registry = Registry.from_objects(self)
+            consumer = Consumer(
+                queue.open_adapter(), registry, backend=queue.open_results(), config=config
+            )
+            setattr(self, _STATE_ATTR, consumer)
+            _start_in_replica(consumer)
+
+        async def check_health(self: Any) -> None:
+            if user_check is not None:
+                outcome = user_check(self)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            consumer = replica_consumer(self)
+            health = consumer.health()
+            if not health.ok:
+                raise RuntimeError(f"serve_queue consumer unhealthy: {health.reason}")
+
+        async def record_autoscaling_stats(self: Any) -> dict[str, float]:
+            return await _autoscaling_stats(replica_consumer(self))
+
+        async def __del__(self: Any) -> None:  # noqa: PLE0302 - Serve awaits an async __del__
+            consumer = getattr(self, _STATE_ATTR, None)
+            if consumer is not None:
+                await consumer.stop(drain_timeout=_drain_budget(consumer.config))
+            if user_del is not None:
+                outcome = user_del(self)
+                if inspect.isawaitable(outcome):
+                    await outcome
+
+        namespace = {
+            "__init__": __init__,
+            "check_health": check_health,
+            "record_autoscaling_stats": record_autoscaling_stats,
+            "__del__": __del__,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+        }
+        wrapped = type(cls.__name__, (cls,), namespace)
+        return wrapped  # type: ignore[return-value]
+
+    return decorate
+
+
+def replica_consumer(instance: Any) -> Consumer:
+    """The consumer a consumer-deployment instance runs (for tests and advanced hooks)."""
+    consumer = getattr(instance, _STATE_ATTR, None)
+    if not isinstance(consumer, Consumer):
+        raise ConfigurationError(f"{type(instance).__qualname__} is not a consumer deployment")
+    return consumer
+
+
+def _task_names(cls: type) -> list[str]:
+    """The task names of ``cls``'s ``@task`` methods; two methods for one name is an error."""
+    seen: dict[str, str] = {}
+    for attr in dir(cls):
+        opts = task_options(inspect.getattr_static(cls, attr, None))
+        if opts is None:
+            continue
+        if opts.name in seen:
+            raise ConfigurationError(
+                f"{cls.__qualname__}: two handlers for task {opts.name!r}: "
+                f"{seen[opts.name]} and {attr}"
+            )
+        seen[opts.name] = attr
+    return sorted(seen)
+
+
+def _start_in_replica(consumer: Consumer) -> None:
+    """Start consuming on the running loop when inside a Serve replica; otherwise (the class
+    instantiated in a test or a script) leave it to the caller: ``await consumer.start()``."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    if not _in_serve_replica():
+        return
+    task = loop.create_task(consumer.start(), name="serve-queue-start")
+    task.add_done_callback(_log_start_failure)
+
+
+def _in_serve_replica() -> bool:
+    try:
+        from ray import serve
+
+        serve.get_replica_context()
+    except Exception:
+        return False
+    return True
+
+
+def _log_start_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("serve_queue consumer failed to start", exc_info=task.exception())
+
+
+def _drain_budget(config: ConsumerConfig) -> float:
+    """The drain budget: the consumer's, kept inside Serve's graceful shutdown timeout."""
+    try:
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        graceful = float(ctx._deployment_config.graceful_shutdown_timeout_s)
+    except Exception:
+        return config.drain_timeout
+    return max(0.0, min(config.drain_timeout, graceful - _SHUTDOWN_MARGIN_S))
+
+
+async def _autoscaling_stats(consumer: Consumer) -> dict[str, float]:
+    stats: dict[str, float] = {"serve_queue_running": float(consumer.running)}
+    try:
+        depths = await consumer.depth()
+    except ServeQueueError as exc:
+        log.warning("could not read queue depth: %s", exc)
+        return stats
+    total = _sum_depths(depths.values())
+    stats.update(
+        serve_queue_ready=float(total.ready),
+        serve_queue_reserved=float(total.reserved),
+        serve_queue_delayed=float(total.delayed),
+        serve_queue_backlog=float(total.total),
+        serve_queue_oldest_age_s=float(total.oldest_age_s or 0.0),
+    )
+    return stats
+
+
+def _sum_depths(depths: Any) -> QueueDepth:
+    ready = reserved = delayed = 0
+    oldest: float | None = None
+    for d in depths:
+        ready, reserved, delayed = ready + d.ready, reserved + d.reserved, delayed + d.delayed
+        if d.oldest_age_s is not None:
+            oldest = max(oldest or 0.0, d.oldest_age_s)
+    return QueueDepth(ready=ready, reserved=reserved, delayed=delayed, oldest_age_s=oldest)
+
+
+class BacklogPolicy:
+    """A Serve autoscaling policy that sizes a consumer deployment by its queue backlog.
+
+    desired replicas = ceil(backlog / target_per_replica), where backlog = ready + reserved
+    messages of the consumed queues (delayed ones are not work yet), read from the broker by
+    the controller itself, so it can scale up from zero replicas, when no replica reports. Serve applies its
+    own bounds and up/down-scale delays on top. Build it with ``TaskQueue.autoscaling_policy``;
+    it carries the queue's settings (pickled, never shown in Serve's config).
+    """
+
+    def __init__(
+        self,
+        queue: QueueSource,
+        queues: Sequence[str],
+        *,
+        target_per_replica: float,
+        poll_interval_s: float = 2.0,
+    ) -> None:
+        if target_per_replica <= 0:
+            raise ConfigurationError("target_per_replica must be positive")
+        self.queue = queue
+        self.queues = tuple(queues)
+        self.target_per_replica = target_per_replica
+        self.poll_interval_s = poll_interval_s
+        self._adapter: BrokerAdapter | None = None
+        self._backlog = 0
+        self._poll: asyncio.Task[None] | None = None
+        self._last_poll = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_adapter": None, "_poll": None, "_last_poll": 0.0}
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        now = time.monotonic()
+        if (self._poll is None or self._poll.done()) and now - self._last_poll >= self.poll_interval_s:
+            self._last_poll = now
+            self._poll = asyncio.get_running_loop().create_task(self._read_backlog())
+        desired = math.ceil(self._backlog / self.target_per_replica)
+        return desired, {"serve_queue_backlog": self._backlog}
+
+    async def _read_backlog(self) -> None:
+        try:
+            if self._adapter is None:
+                adapter = self.queue.open_adapter()
+                await adapter.connect()
+                self._adapter = adapter
+            depths = [await self._adapter.depth(q) for q in self.queues]
+        except ServeQueueError as exc:
+            log.warning("autoscaling policy could not read the backlog: %s", exc)
+            return
+        total = _sum_depths(depths)
+        self._backlog = total.ready + total.reserved

@@ -132,7 +132,7 @@ class Dispatcher:
         try:
             args, kwargs = handler.validate(message.args, message.kwargs)
         except InvalidArguments as exc:
-            meta = results.failure_meta(message.id, TypeError(str(exc)), traceback=None)
+            meta = results.invalid_arguments_meta(message.id, str(exc), **_links(message))
             await self._store_quietly(message, meta)
             return self._dead_letter(delivery, "invalid-arguments", exc, message)
         return await self._run(delivery, message, handler, args, kwargs)
@@ -207,10 +207,11 @@ class Dispatcher:
     ) -> Outcome:
         self.stats.failed += 1
         if isinstance(exc, TimeLimitExceeded):
-            meta = results.time_limit_meta(message.id, exc.limit)
+            meta = results.time_limit_meta(message.id, exc.limit, **_links(message))
+        elif isinstance(exc, SoftTimeLimitExceeded):
+            meta = results.soft_time_limit_meta(message.id, traceback.format_exc(), **_links(message))
         else:
-            tb = None if isinstance(exc, SoftTimeLimitExceeded) else traceback.format_exc()
-            meta = results.failure_meta(message.id, exc, traceback=tb, **_links(message))
+            meta = results.failure_meta(message.id, exc, traceback=traceback.format_exc(), **_links(message))
         log.info("task %s (%s) failed: %r", message.id, message.name, exc)
         await self._store(message, meta, ignore=ignore and not self.config.store_errors_even_if_ignored)
         ack = handler.options.acks_on_failure_or_timeout

@@ -72,6 +72,14 @@ class TaskQueue:
         self.result_options = dict(result_options or {})
         self.retry_policy = retry_policy or RetryPolicy()
         self._producers: dict[int, tuple[asyncio.AbstractEventLoop, Producer]] = {}
+        self._shared_results: ResultBackend | None = None
+        if self.broker_url.scheme == "memory" and "broker" not in self.broker_options:
+            # in-process: producers and workers of this queue must see the same broker
+            from serve_queue.adapters.memory import MemoryBroker
+
+            self.broker_options["broker"] = MemoryBroker(self.broker_url.host or "memory")
+        if self.results_url is not None and self.results_url.scheme == "memory":
+            self._shared_results = results_mod.MemoryResultBackend()
 
     def __repr__(self) -> str:
         return f"TaskQueue(broker={self.broker_url}, results={self.results_url})"
@@ -92,6 +100,8 @@ class TaskQueue:
 
     def open_results(self) -> ResultBackend:
         """A new, unconnected result backend (a null one when results are off)."""
+        if self._shared_results is not None:
+            return self._shared_results
         return results_mod.open_result_backend(self.results_url, **self.result_options)
 
     def producer(self) -> Producer:

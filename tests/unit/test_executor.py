@@ -97,12 +97,12 @@ async def test_soft_limit_can_be_handled_by_the_handler() -> None:
 async def test_hard_limit_abandons_async_and_sync_handlers() -> None:
     executor = Executor(threads=1)
 
-    async def stubborn() -> None:
-        while True:
-            try:
-                await asyncio.sleep(10)
-            except asyncio.CancelledError:
-                continue
+    async def stubborn() -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.5)  # ignores the soft limit and overruns the hard one
+        return "late"
 
     with pytest.raises(TimeLimitExceeded) as info:
         await executor.run(stubborn, True, [], {}, soft_time_limit=0.05, time_limit=0.1)

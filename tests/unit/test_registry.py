@@ -140,7 +140,10 @@ def test_parameter_names_that_clash_with_pydantic_are_fine() -> None:
 
 
 def test_bad_task_options_are_configuration_errors() -> None:
+    def handler() -> None:
+        return None
+
     with pytest.raises(ConfigurationError, match="soft_time_limit"):
-        task("x", time_limit=1, soft_time_limit=2)
+        task("x", time_limit=1, soft_time_limit=2)(handler)
     with pytest.raises(ConfigurationError, match="bad options"):
-        task("x", nonsense=1)
+        task("x", nonsense=1)(handler)

@@ -1,0 +1,1 @@
+"""Broker adapter tests: one shared contract (``contract.py``), one subclass per broker."""

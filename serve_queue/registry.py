@@ -9,6 +9,8 @@ argument validator from its type hints (pydantic) so a bad message is refused be
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import inspect
 import types
 import typing
@@ -175,8 +177,25 @@ def _compile_validator(func: Callable[..., Any], options: TaskOptions) -> Valida
 
 
 def _type_hints(func: Callable[..., Any]) -> dict[str, Any]:
+    """Resolve ``func``'s hints, also against its defining module's namespace.
+
+    A class shipped by value (cloudpickle, as Ray does with a decorated deployment class)
+    carries only the globals its code uses, so string annotations (``from __future__ import
+    annotations``) may name things it lacks, such as ``Any``; the module itself has them.
+    """
     try:
         return typing.get_type_hints(func)
+    except NameError:
+        pass
+    except Exception as exc:
+        raise ConfigurationError(f"cannot resolve type hints of {_describe(func)}: {exc}") from exc
+    target = getattr(func, "__func__", func)
+    namespace: dict[str, Any] = {}
+    with contextlib.suppress(ImportError):
+        namespace.update(vars(importlib.import_module(target.__module__)))
+    namespace.update(getattr(target, "__globals__", {}))
+    try:
+        return typing.get_type_hints(func, globalns=namespace)
     except Exception as exc:  # an unresolvable forward reference is a definition error
         raise ConfigurationError(f"cannot resolve type hints of {_describe(func)}: {exc}") from exc
 

@@ -147,3 +147,19 @@ def test_bad_task_options_are_configuration_errors() -> None:
         task("x", time_limit=1, soft_time_limit=2)(handler)
     with pytest.raises(ConfigurationError, match="bad options"):
         task("x", nonsense=1)(handler)
+
+
+def test_hints_resolve_when_the_class_travels_by_value() -> None:
+    """Ray ships a decorated deployment class by value: its methods keep only the globals
+    their code uses, so a string annotation like ``Any`` must come from the module."""
+    from ray import cloudpickle  # the copy Ray itself uses to ship deployment classes
+
+    class Shipped:
+        @task("tasks.shipped")
+        async def run(self, data: dict[str, Any], n: int = 1) -> Any:
+            return data, n
+
+    clone = cloudpickle.loads(cloudpickle.dumps(Shipped))
+    assert "Any" not in clone.run.__globals__  # what a replica receives
+    validate = Registry.from_objects(clone()).get("tasks.shipped").validate
+    assert validate([{"a": 1}, "2"], {}) == ([{"a": 1}, 2], {})

@@ -196,7 +196,9 @@ class MemoryBroker:
                 self._push(lease.queue, record, front=False)
             case DeadLetter(reason=reason):
                 headers = {**record.headers, REASON_HEADER: reason, SOURCE_HEADER: lease.queue}
-                dead = replace(record, headers=headers, redelivered=False, envelope_error=None)
+                dead = replace(
+                    record, headers=headers, priority=0, redelivered=False, envelope_error=None
+                )
                 self._push(dead_letter_queue.format(queue=lease.queue), dead, front=False)
             case _:
                 raise TypeError(f"not an Outcome: {outcome!r}")
@@ -345,6 +347,8 @@ class MemoryAdapter:
         if prefetch < 1:
             raise ConfigurationError(f"prefetch must be at least 1, not {prefetch}")
         names = queue_list(queues)
+        if not names:
+            raise ConfigurationError("deliveries() needs at least one queue")
         credit = _Credit()
         for turn in itertools.count():
             self._require_open(allow_closed=True)

@@ -45,6 +45,7 @@ _SCHEMA = (
         delivery_count INTEGER NOT NULL DEFAULT 0
     )""",
     "CREATE INDEX IF NOT EXISTS messages_claim ON messages (queue, priority DESC, ready_at)",
+    "CREATE INDEX IF NOT EXISTS messages_due ON messages (queue, ready_at)",
     """CREATE TABLE IF NOT EXISTS dead_letters (
         id INTEGER PRIMARY KEY,
         queue TEXT NOT NULL,
@@ -203,9 +204,10 @@ class Store:
         where = f"queue IN ({marks}) AND " + _READY.replace(":now", "?")
         now = time.time()
         probe = self.conn.execute(
-            f"SELECT 1 FROM messages WHERE {where} LIMIT 1", (*queues, now, now)
+            f"SELECT 1 FROM messages INDEXED BY messages_due WHERE {where} LIMIT 1",
+            (*queues, now, now),
         ).fetchall()
-        if not probe:  # nothing to take: do not contend for the write lock
+        if not probe:  # nothing due: skip the write lock (and parked messages are not scanned)
             return []
         with self.transaction() as conn:
             now = time.time()

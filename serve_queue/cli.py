@@ -44,7 +44,12 @@ def load_handlers(spec: str) -> Any:
 
 
 def _queue(args: argparse.Namespace) -> TaskQueue:
-    return TaskQueue(args.broker, results=args.results, default_queue=args.queue[0])
+    options = {}
+    if getattr(args, "visibility_timeout", None) is not None:
+        options["visibility_timeout"] = args.visibility_timeout
+    return TaskQueue(
+        args.broker, results=args.results, default_queue=args.queue[0], broker_options=options
+    )
 
 
 async def _run_worker(args: argparse.Namespace) -> int:
@@ -104,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--threads", type=int, default=8)
     worker.add_argument("--drain-timeout", type=float, default=30.0)
     worker.add_argument("--acks", choices=["late", "early"], default="late")
+    worker.add_argument(
+        "--visibility-timeout", type=float, default=None, help="lease in seconds (broker default)"
+    )
     worker.add_argument("--accept", action="append", default=None, help="serializer to accept")
     send = sub.add_parser("send", parents=[common], help="enqueue one task")
     send.add_argument("name")

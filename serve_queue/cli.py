@@ -68,7 +68,10 @@ async def _run_worker(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await worker.start()
-    print(f"serve-queue worker {worker.hostname} ready: {', '.join(worker.registry.names())}", flush=True)
+    print(
+        f"serve-queue worker {worker.hostname} ready: {', '.join(worker.registry.names())}",
+        flush=True,
+    )
     await stop.wait()
     await worker.stop()
     return 0
@@ -127,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.queue = args.queue or ["celery"]
     if getattr(args, "accept", None) is None:
         args.accept = ["json"]
-    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     command = {"worker": _run_worker, "send": _send, "depth": _depth}[args.command]
     try:
         return asyncio.run(command(args))

@@ -181,4 +181,3 @@ class ConsumerConfig(BaseModel):
     @property
     def effective_prefetch(self) -> int:
         return self.prefetch or self.concurrency
-

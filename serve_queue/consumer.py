@@ -119,7 +119,9 @@ class Consumer:
         running = list(self._running)
         if running:
             log.info("draining %d running task(s), up to %.1fs", len(running), budget)
-            _, late = await asyncio.wait(running, timeout=budget) if budget > 0 else (set(), running)
+            _, late = (
+                await asyncio.wait(running, timeout=budget) if budget > 0 else (set(), running)
+            )
             for task in late:
                 task.cancel()
             if late:
@@ -167,7 +169,9 @@ class Consumer:
             return Health(False, f"fetch loop ended: {self._fetcher.exception()!r}")
         down = self._broker_down_since
         if down is not None and time.monotonic() - down > self.config.health_grace_s:
-            return Health(False, f"broker unreachable for {time.monotonic() - down:.0f}s: {self._last_error}")
+            return Health(
+                False, f"broker unreachable for {time.monotonic() - down:.0f}s: {self._last_error}"
+            )
         if self._loop_lag > self.config.max_loop_lag_s:
             return Health(False, f"event loop stalled for {self._loop_lag:.1f}s")
         return Health(True)

@@ -116,7 +116,9 @@ class Dispatcher:
         try:
             handler = self.registry.get(message.name)
         except UnknownTask as exc:
-            await self._store_quietly(message, results.not_registered_meta(message.id, message.name))
+            await self._store_quietly(
+                message, results.not_registered_meta(message.id, message.name)
+            )
             return self._dead_letter(delivery, "unknown-task", exc, message)
         now = datetime.now(timezone.utc)
         if message.expires is not None and message.expires <= now:
@@ -209,11 +211,17 @@ class Dispatcher:
         if isinstance(exc, TimeLimitExceeded):
             meta = results.time_limit_meta(message.id, exc.limit, **_links(message))
         elif isinstance(exc, SoftTimeLimitExceeded):
-            meta = results.soft_time_limit_meta(message.id, traceback.format_exc(), **_links(message))
+            meta = results.soft_time_limit_meta(
+                message.id, traceback.format_exc(), **_links(message)
+            )
         else:
-            meta = results.failure_meta(message.id, exc, traceback=traceback.format_exc(), **_links(message))
+            meta = results.failure_meta(
+                message.id, exc, traceback=traceback.format_exc(), **_links(message)
+            )
         log.info("task %s (%s) failed: %r", message.id, message.name, exc)
-        await self._store(message, meta, ignore=ignore and not self.config.store_errors_even_if_ignored)
+        await self._store(
+            message, meta, ignore=ignore and not self.config.store_errors_even_if_ignored
+        )
         ack = handler.options.acks_on_failure_or_timeout
         if ack is None:
             ack = self.config.acks_on_failure_or_timeout
@@ -239,7 +247,9 @@ class Dispatcher:
         eta = datetime.now(timezone.utc) + timedelta(seconds=delay)
         await self.adapter.publish(delivery.queue, protocol.encode_retry(message, eta=eta))
         tb = traceback.format_exc()
-        await self._store(message, results.retry_meta(message.id, retry.exc or retry, traceback=tb), ignore)
+        await self._store(
+            message, results.retry_meta(message.id, retry.exc or retry, traceback=tb), ignore
+        )
         self.stats.retried += 1
         return Ack()
 
@@ -248,10 +258,9 @@ class Dispatcher:
     ) -> list[Any]:
         """Publish link callbacks and the next chain step; return them as result children."""
         children: list[Any] = []
-        signatures = list(message.callbacks or [])
         chain = list(message.chain or [])
-        pending: list[tuple[Mapping[str, Any], list[Mapping[str, Any]] | None]]
-        pending = [(sig, None) for sig in signatures]
+        pending: list[tuple[dict[str, Any], list[dict[str, Any]] | None]]
+        pending = [(sig, None) for sig in message.callbacks or []]
         if chain:
             pending.append((chain[-1], chain[:-1]))
         for signature, rest in pending:
@@ -280,7 +289,9 @@ class Dispatcher:
             await self.adapter.settle(delivery, outcome)
         except ServeQueueError as exc:
             # the lease will run out and the broker redelivers: at-least-once holds
-            log.warning("could not settle a delivery from %s (%s): %s", delivery.queue, outcome, exc)
+            log.warning(
+                "could not settle a delivery from %s (%s): %s", delivery.queue, outcome, exc
+            )
 
     def _dead_letter(
         self,
@@ -290,7 +301,9 @@ class Dispatcher:
         message: TaskMessage | None = None,
     ) -> DeadLetter:
         self.stats.dead_lettered[kind] += 1
-        who = f"task {message.id} ({message.name})" if message else f"a message on {delivery.queue!r}"
+        who = (
+            f"task {message.id} ({message.name})" if message else f"a message on {delivery.queue!r}"
+        )
         log.warning("dead-lettering %s: %s: %s", who, kind, exc)
         return DeadLetter(reason=f"{kind}: {exc}")
 

@@ -27,11 +27,11 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class SoftTimeLimitExceeded(Exception):  # noqa: N818 - Celery's name, kept for its result meta
+class SoftTimeLimitExceeded(Exception):
     """The handler ran past its soft time limit and did not handle the cancellation."""
 
 
-class TimeLimitExceeded(Exception):  # noqa: N818 - Celery's name, kept for its result meta
+class TimeLimitExceeded(Exception):
     """The handler ran past its hard time limit and was abandoned."""
 
     def __init__(self, limit: float) -> None:

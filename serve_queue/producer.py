@@ -137,7 +137,9 @@ class Producer:
             errbacks=_signatures(link_error),
             **options,
         )
-        message = protocol.encode_task(name, list(args or ()), dict(kwargs or {}), send, origin=self.origin)
+        message = protocol.encode_task(
+            name, list(args or ()), dict(kwargs or {}), send, origin=self.origin
+        )
         if not self._connected:
             await self.connect()
         await self._publish(queue or self.default_queue, message)
@@ -156,7 +158,9 @@ class Producer:
             except BrokerUnavailable as exc:
                 if attempt == len(delays):
                     raise
-                log.warning("publish to %r failed (attempt %d), retrying: %s", queue, attempt + 1, exc)
+                log.warning(
+                    "publish to %r failed (attempt %d), retrying: %s", queue, attempt + 1, exc
+                )
                 await asyncio.sleep(delays[attempt])
 
 

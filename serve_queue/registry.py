@@ -169,9 +169,7 @@ def _compile_validator(func: Callable[..., Any], options: TaskOptions) -> Valida
     if not params:
         return _no_arguments
     hints = _type_hints(func)
-    if not options.validate_args or not any(
-        hints.get(p.name, Any) is not Any for p in params
-    ):
+    if not options.validate_args or not any(hints.get(p.name, Any) is not Any for p in params):
         return _binder(signature)
     return _pydantic_validator(signature, hints)
 
@@ -200,13 +198,17 @@ def _type_hints(func: Callable[..., Any]) -> dict[str, Any]:
         raise ConfigurationError(f"cannot resolve type hints of {_describe(func)}: {exc}") from exc
 
 
-def _no_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+def _no_arguments(
+    args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> tuple[list[Any], dict[str, Any]]:
     if args or kwargs:
         raise InvalidArguments(f"takes no arguments but got args={args!r} kwargs={kwargs!r}")
     return [], {}
 
 
-def _bind(signature: inspect.Signature, args: Sequence[Any], kwargs: Mapping[str, Any]) -> inspect.BoundArguments:
+def _bind(
+    signature: inspect.Signature, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> inspect.BoundArguments:
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
@@ -216,7 +218,9 @@ def _bind(signature: inspect.Signature, args: Sequence[Any], kwargs: Mapping[str
 
 
 def _binder(signature: inspect.Signature) -> Validator:
-    def bind_only(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    def bind_only(
+        args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
         _bind(signature, args, kwargs)
         return list(args), dict(kwargs)
 
@@ -234,11 +238,13 @@ def _pydantic_validator(signature: inspect.Signature, hints: Mapping[str, Any]) 
             annotation = dict[str, annotation]  # type: ignore[valid-type]
         # neutral field names: a parameter called "json" or "model_config" must not clash
         fields[f"p{index}"] = (annotation, Field(validation_alias=param.name))
-    model: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    model: type[BaseModel] = create_model(
         "TaskArguments", __config__=ConfigDict(arbitrary_types_allowed=True), **fields
     )
 
-    def validate(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    def validate(
+        args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
         bound = _bind(signature, args, kwargs)
         try:
             values = model.model_validate(bound.arguments)
@@ -249,7 +255,9 @@ def _pydantic_validator(signature: inspect.Signature, hints: Mapping[str, Any]) 
     return validate
 
 
-def _rebuild(params: list[inspect.Parameter], values: BaseModel) -> tuple[list[Any], dict[str, Any]]:
+def _rebuild(
+    params: list[inspect.Parameter], values: BaseModel
+) -> tuple[list[Any], dict[str, Any]]:
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     for index, param in enumerate(params):

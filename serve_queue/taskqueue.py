@@ -116,9 +116,7 @@ class TaskQueue:
                 serializer=self.serializer,
                 retry_policy=self.retry_policy,
             )
-            self._producers = {
-                k: v for k, v in self._producers.items() if not v[0].is_closed()
-            }
+            self._producers = {k: v for k, v in self._producers.items() if not v[0].is_closed()}
             self._producers[id(loop)] = (loop, producer)
             return producer
         return entry[1]
@@ -206,4 +204,4 @@ class TaskQueue:
             target_per_replica=target_per_replica,
             poll_interval_s=poll_interval_s,
         )
-        return AutoscalingPolicy(policy_function=policy)
+        return AutoscalingPolicy(policy_function=policy)  # type: ignore[no-untyped-call]

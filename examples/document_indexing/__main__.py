@@ -42,7 +42,9 @@ async def enqueue_and_poll(base: str, documents: list[str], timeout: float) -> l
             return {"document_id": doc, "task_id": response.json()["task_id"], "sent_at": sent}
 
         rows = await asyncio.gather(*(enqueue(d) for d in documents))
-        print(f"enqueued {len(rows)} documents in {time.time() - rows[0]['sent_at']:.2f}s", flush=True)
+        print(
+            f"enqueued {len(rows)} documents in {time.time() - rows[0]['sent_at']:.2f}s", flush=True
+        )
         deadline = time.monotonic() + timeout
         pending = {row["task_id"]: row for row in rows}
         while pending and time.monotonic() < deadline:
@@ -52,7 +54,9 @@ async def enqueue_and_poll(base: str, documents: list[str], timeout: float) -> l
                 status = response.json()
                 if status["state"] in ("SUCCESS", "FAILURE", "REVOKED"):
                     row = pending.pop(status["task_id"])
-                    row.update(state=status["state"], result=status["result"], seen_done_at=time.time())
+                    row.update(
+                        state=status["state"], result=status["result"], seen_done_at=time.time()
+                    )
         for row in pending.values():
             row.update(state="TIMEOUT", result=None)
         return list(rows)
@@ -60,7 +64,9 @@ async def enqueue_and_poll(base: str, documents: list[str], timeout: float) -> l
 
 def report(rows: list[dict[str, Any]], png: Path) -> None:
     """Print the summary table and write the histogram."""
-    print(f"\n{'document':<14} {'state':<8} {'replica':<22} {'wait s':>7} {'run s':>6} {'total s':>8}")
+    print(
+        f"\n{'document':<14} {'state':<8} {'replica':<22} {'wait s':>7} {'run s':>6} {'total s':>8}"
+    )
     totals = []
     for row in rows:
         result = row["result"] if isinstance(row["result"], dict) else {}
@@ -70,8 +76,9 @@ def report(rows: list[dict[str, Any]], png: Path) -> None:
             run = result["finished_at"] - result["started_at"]
             total = result["finished_at"] - row["sent_at"]
             totals.append(total)
+        replica = str(result.get("replica", "-"))[:22]
         print(
-            f"{row['document_id'][:14]:<14} {row['state']:<8} {str(result.get('replica', '-'))[:22]:<22}"
+            f"{row['document_id'][:14]:<14} {row['state']:<8} {replica:<22}"
             f" {wait:>7.2f} {run:>6.2f} {total:>8.2f}"
         )
     done = sum(r["state"] == "SUCCESS" for r in rows)
@@ -116,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    ray.init(
+        num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False
+    )
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     from examples.document_indexing.app import app, processor, queue

@@ -34,9 +34,7 @@ class Indexer:
         return {"document_id": document_id, "terms": len(document_id) * 7}
 
 
-@serve.deployment(
-    num_replicas=2, graceful_shutdown_timeout_s=60, ray_actor_options={"num_cpus": 0}
-)
+@serve.deployment(num_replicas=2, graceful_shutdown_timeout_s=60, ray_actor_options={"num_cpus": 0})
 @queue.consumer(concurrency=100, threads=4, queues=["celery"])
 class TaskProcessor:
     def __init__(self, indexer: DeploymentHandle) -> None:

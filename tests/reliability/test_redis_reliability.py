@@ -47,7 +47,9 @@ async def test_sigkill_with_100_in_flight_loses_nothing(
     broker, results, marks_url = urls
     marks = aioredis.Redis.from_url(marks_url)
     await marks.set("rel:sleep", 60)  # the first worker never finishes on its own
-    first = worker_process(broker, results, marks_url, "--concurrency", "100", "--visibility-timeout", "3")
+    first = worker_process(
+        broker, results, marks_url, "--concurrency", "100", "--visibility-timeout", "3"
+    )
     queue = TaskQueue(broker, results=results)
     sent = [await queue.send_task("rel.work", args=[n]) for n in range(100)]
 
@@ -76,7 +78,9 @@ async def test_backlog_of_10000_drains_with_flat_rss(
     broker, results, marks_url = urls
     queue = TaskQueue(broker, results=results)
     for start in range(0, 10_000, 1000):
-        await asyncio.gather(*(queue.send_task("rel.noop", args=[n]) for n in range(start, start + 1000)))
+        await asyncio.gather(
+            *(queue.send_task("rel.noop", args=[n]) for n in range(start, start + 1000))
+        )
     assert (await queue.depth()).ready == 10_000
 
     proc = worker_process(broker, results, marks_url, "--concurrency", "100")
@@ -102,7 +106,13 @@ def _envelope(task_id: str, name: str, payload: Any, **overrides: Any) -> dict[s
         "body": base64.b64encode(data).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
-        "headers": {"lang": "py", "task": name, "id": task_id, "retries": 0, "timelimit": [None, None]},
+        "headers": {
+            "lang": "py",
+            "task": name,
+            "id": task_id,
+            "retries": 0,
+            "timelimit": [None, None],
+        },
         "properties": {
             "correlation_id": task_id,
             "delivery_mode": 2,
@@ -134,7 +144,9 @@ def _mutations(rng: random.Random, n: int) -> dict[str, Any]:
     if kind == 4:  # arguments of the wrong type
         return _envelope(tid, "tasks.add", [["a", {"b": 1}], {}, {}])
     if kind == 5:  # a serializer that is not allowed
-        return _envelope(tid, "tasks.add", good_body, **{"content-type": "application/x-python-serialize"})
+        return _envelope(
+            tid, "tasks.add", good_body, **{"content-type": "application/x-python-serialize"}
+        )
     if kind == 6:  # no properties at all
         env = _envelope(tid, "tasks.add", good_body)
         del env["properties"]
@@ -178,7 +190,10 @@ async def test_garbage_is_dead_lettered_and_valid_work_goes_on(urls: tuple[str, 
     assert await raw.llen("fuzz.dlq") == 2000
     records = [json.loads(r) for r in await raw.lrange("fuzz.dlq", 0, -1)]
     assert all(r["reason"] and r["queue"] == "fuzz" for r in records)
-    kept = {base64.b64decode(r["item"]) if r.get("item_encoding") == "base64" else r["item"].encode() for r in records}
+    kept = {
+        base64.b64decode(r["item"]) if r.get("item_encoding") == "base64" else r["item"].encode()
+        for r in records
+    }
     assert kept == set(items)  # every original item, byte for byte
     assert (await queue.depth("fuzz")).total == 0
     await queue.close()

@@ -153,7 +153,9 @@ async def test_poison_input_is_dead_lettered_and_the_worker_keeps_serving(
     garbage = celery_message("tasks.add", [1, 2])
     await adapter.publish(
         "celery",
-        type(garbage)(body=b"\xff{not json", headers=garbage.headers, properties=garbage.properties),
+        type(garbage)(
+            body=b"\xff{not json", headers=garbage.headers, properties=garbage.properties
+        ),
     )
     good = await queue.send_task("tasks.add", args=[1, 1])
     assert await good.get(timeout=5) == 2
@@ -251,7 +253,9 @@ async def test_drain_lets_running_tasks_finish(queue: TaskQueue, handlers: Handl
     assert await result.get(timeout=1) == "released"
 
 
-async def test_drain_deadline_hands_unfinished_work_back(queue: TaskQueue, handlers: Handlers) -> None:
+async def test_drain_deadline_hands_unfinished_work_back(
+    queue: TaskQueue, handlers: Handlers
+) -> None:
     consumer = queue.worker(handlers)
     await consumer.start()
     result = await queue.send_task("tasks.wait")

@@ -90,7 +90,10 @@ async def test_soft_limit_can_be_handled_by_the_handler() -> None:
             return "cleaned up"
         return "finished"
 
-    assert await executor.run(careful, True, [], {}, soft_time_limit=0.05, time_limit=1) == "cleaned up"
+    assert (
+        await executor.run(careful, True, [], {}, soft_time_limit=0.05, time_limit=1)
+        == "cleaned up"
+    )
     executor.shutdown()
 
 

@@ -63,7 +63,7 @@ def test_collects_marked_methods_bound_and_decides_async_once() -> None:
 
 
 def test_unknown_name_raises_unknown_task() -> None:
-    with pytest.raises(UnknownTask, match="tasks.nope"):
+    with pytest.raises(UnknownTask, match=r"tasks\.nope"):
         Registry().get("tasks.nope")
 
 
@@ -73,7 +73,7 @@ def test_two_handlers_for_one_name_is_a_configuration_error() -> None:
         async def plus(self, x: int, y: int) -> int:
             return x + y
 
-    with pytest.raises(ConfigurationError, match="two handlers for task 'tasks.add'"):
+    with pytest.raises(ConfigurationError, match=r"two handlers for task 'tasks\.add'"):
         Registry.from_objects(Handlers(), Other())
 
 

@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index-seconds", type=float, default=5.0)
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.add_argument("--out", type=Path, default=REPO / "out" / "document_indexing")
+    parser.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
+    parser.add_argument("--http-port", type=int, help="its Serve HTTP port (with --ray-address)")
     args = parser.parse_args(argv)
 
     env = {"INDEX_SECONDS": str(args.index_seconds), "PYTHONPATH": str(REPO)}
@@ -123,14 +125,21 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    own_cluster = args.ray_address is None
     ray.init(
-        num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False
+        address=args.ray_address or "local",
+        num_cpus=4 if own_cluster else None,
+        include_dashboard=False if own_cluster else None,
+        runtime_env={"env_vars": env},
+        log_to_driver=False,
     )
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = args.http_port or _free_port()
+    if own_cluster:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
     from examples.document_indexing.app import app, processor, queue
 
     print(f"broker: {queue.broker_url}; results: {queue.results_url}", flush=True)
+    ok = False
     try:
         serve.run(processor, name="task_processor", route_prefix="/task_processor")
         serve.run(app, name="my_app", route_prefix="/my_app")
@@ -139,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         report(rows, args.out / "time_per_task.png")
         ok = all(r["state"] == "SUCCESS" for r in rows)
     finally:
-        serve.shutdown()
+        if own_cluster:
+            serve.shutdown()
+        else:
+            serve.delete("my_app")
+            serve.delete("task_processor")
         ray.shutdown()
     return 0 if ok else 1
 

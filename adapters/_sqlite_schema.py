@@ -80,6 +80,7 @@ _MESSAGE_COLUMNS = (
     "delivery_count"
 )
 _RESULT_PURGE_EVERY_S = 300.0
+_READY_STATES = "('SUCCESS', 'FAILURE', 'REVOKED')"
 
 
 class NewMessage(NamedTuple):
@@ -271,6 +272,8 @@ class Store:
 
     def release(self, leases: Sequence[tuple[int, str]]) -> None:
         """Hand leased messages back at once, keeping their place at the front of the queue."""
+        if not leases:
+            return
         with self.transaction() as conn:
             conn.executemany(
                 "UPDATE messages SET lease_token = NULL, lease_until = NULL "
@@ -324,6 +327,19 @@ class Store:
             (task_id, time.time()),
         ).fetchone()
         return None if row is None else str(row[0])
+
+    def ready_results(self, task_ids: Sequence[str]) -> list[tuple[str, str]]:
+        """``(task_id, meta)`` of those of ``task_ids`` whose live result is ready."""
+        now, found = time.time(), []
+        for start in range(0, len(task_ids), 500):
+            chunk = task_ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            found += self.conn.execute(
+                f"SELECT task_id, meta FROM results WHERE task_id IN ({marks}) "
+                f"AND status IN {_READY_STATES} AND (expires_at IS NULL OR expires_at > ?)",
+                (*chunk, now),
+            ).fetchall()
+        return found
 
     def purge_results(self) -> int:
         """Delete expired results (they already read as absent); the count deleted."""

@@ -19,10 +19,11 @@ from typing import Any, TypeVar
 from serve_queue.adapters._sqlite_schema import Store
 from serve_queue.errors import ServeQueueError
 
-__all__ = ["DatabaseThread", "nap"]
+__all__ = ["DatabaseThread", "ReadyWatch", "nap"]
 
 T = TypeVar("T")
 _Op = Callable[[Store], Any]
+_FAST_POLL_S = 0.005
 
 
 class DatabaseThread:
@@ -156,3 +157,85 @@ async def nap(event: asyncio.Event, seconds: float) -> None:
         await event.wait()
     finally:
         timer.cancel()
+
+
+class ReadyWatch:
+    """Waits for task results to become ready: one query per tick covers every waiter.
+
+    The tick starts at 5 ms after progress (or a ``poke()``, sent when this process stores a
+    result) and backs off to ``poll_interval`` while nothing becomes ready.
+    """
+
+    def __init__(
+        self,
+        db: DatabaseThread,
+        decode: Callable[[str, str], dict[str, Any]],
+        poll_interval: float,
+    ) -> None:
+        self._db = db
+        self._decode = decode  # (task_id, stored text) -> meta
+        self._poll_interval = poll_interval
+        self._waiters: dict[str, set[asyncio.Future[dict[str, Any]]]] = {}
+        self._poke = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def poke(self) -> None:
+        self._poke.set()
+
+    async def wait(self, task_id: str, timeout: float | None) -> dict[str, Any]:
+        """The ready meta of ``task_id``; ``asyncio.TimeoutError`` after ``timeout``."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._waiters.setdefault(task_id, set()).add(future)
+        if self._task is None:
+            self._task = loop.create_task(self._run())
+        else:
+            self.poke()  # look for the newcomer at once
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            waiters = self._waiters.get(task_id)
+            if waiters is not None:
+                waiters.discard(future)
+                if not waiters:
+                    del self._waiters[task_id]
+
+    async def _run(self) -> None:
+        interval = _FAST_POLL_S
+        try:
+            while self._waiters:
+                self._poke.clear()
+                ids = list(self._waiters)
+                try:
+                    found = await self._db.call(
+                        functools.partial(Store.ready_results, task_ids=ids)
+                    )
+                except Exception as exc:  # every current waiter learns of it
+                    self._settle_all(exc)
+                    return
+                for task_id, text in found:
+                    self._resolve(task_id, text)
+                interval = _FAST_POLL_S if found else min(interval * 2, self._poll_interval)
+                await nap(self._poke, interval)
+        finally:
+            self._task = None
+
+    def _resolve(self, task_id: str, text: str) -> None:
+        try:
+            meta: dict[str, Any] | None = self._decode(task_id, text)
+            error: BaseException | None = None
+        except Exception as exc:
+            meta, error = None, exc
+        for future in self._waiters.get(task_id, ()):
+            if future.done():
+                continue
+            if meta is not None:
+                future.set_result(dict(meta))
+            else:
+                future.set_exception(error or RuntimeError("undecodable result"))
+
+    def _settle_all(self, exc: Exception) -> None:
+        for waiters in self._waiters.values():
+            for future in waiters:
+                if not future.done():
+                    future.set_exception(exc)

@@ -14,7 +14,12 @@ Semantics: higher ``priority`` (0-9) is delivered first, as in AMQP; equal prior
 order of readiness. A message is leased for ``visibility_timeout`` seconds when delivered; if
 its consumer dies, the lease expires and the message is delivered again, marked redelivered.
 Dead-lettered messages are kept with their reason in a ``dead_letters`` table under the
-dead-letter queue's name; ``SQLiteAdapter.dead_letters`` reads them.
+dead-letter queue's name (not a queue one can consume); ``SQLiteAdapter.dead_letters`` reads
+them. The AMQP ``expiration`` property is stored but not enforced.
+
+Durability: WAL with ``synchronous=NORMAL``. A committed publish or settle survives any process
+being killed; a power loss or OS crash may undo the last transactions before it, never
+corrupting the file (an undone settle means a redelivery, an undone publish is lost).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from serve_queue.adapters._sqlite_rows import (
     new_message,
 )
 from serve_queue.adapters._sqlite_schema import MessageRow, Store
-from serve_queue.adapters._sqlite_worker import DatabaseThread, nap
+from serve_queue.adapters._sqlite_worker import DatabaseThread, ReadyWatch, nap
 from serve_queue.config import BrokerURL
 from serve_queue.errors import (
     BrokerError,
@@ -145,7 +150,9 @@ class SQLiteAdapter:
         busy_timeout: float = 5.0,
     ) -> None:
         if visibility_timeout <= 0 or poll_interval <= 0 or busy_timeout < 0:
-            raise ConfigurationError("visibility_timeout and poll_interval must be positive")
+            raise ConfigurationError(
+                "visibility_timeout and poll_interval must be positive, busy_timeout >= 0"
+            )
         try:
             dead_letter_queue.format(queue="q")
         except (KeyError, IndexError, ValueError) as exc:
@@ -350,7 +357,7 @@ class SQLiteResultBackend:
             unavailable=ResultBackendError,
             failure=ResultBackendError,
         )
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._watch = ReadyWatch(self._db, self._decode, poll_interval)
         self._connected = False
 
     def __repr__(self) -> str:
@@ -360,7 +367,10 @@ class SQLiteResultBackend:
         if not self._connected:
             await self._db.start()
             self._connected = True
-            await self._db.call(Store.purge_results)
+            try:
+                await self._db.call(Store.purge_results)
+            except ResultBackendError as exc:  # best effort: expired rows read as absent anyway
+                logger.warning("could not purge expired results: %s", exc)
 
     async def close(self) -> None:
         if self._connected:
@@ -373,38 +383,26 @@ class SQLiteResultBackend:
         state = status if isinstance(status, str) else None
         ttl = self.result_ttl
         await self._db.batched(lambda s: s.store_result(task_id, state, text, ttl))
-        for event in self._waiters.get(task_id, ()):
-            event.set()
+        self._watch.poke()
 
     async def get(self, task_id: str) -> dict[str, Any] | None:
         text = await self._db.call(lambda s: s.get_result(task_id))
-        if text is None:
-            return None
+        return None if text is None else self._decode(task_id, text)
+
+    async def wait(self, task_id: str, timeout: float | None) -> dict[str, Any]:
+        meta = await self.get(task_id)
+        if meta is not None and meta.get("status") in _READY_STATES:
+            return meta
+        late = TaskTimeout(f"task {task_id} was not ready within {timeout}s")
+        if timeout is not None and timeout <= 0:
+            raise late
+        try:
+            return await self._watch.wait(task_id, timeout)
+        except asyncio.TimeoutError:
+            raise late from None
+
+    def _decode(self, task_id: str, text: str) -> dict[str, Any]:
         try:
             return decode_mapping(text)
         except (TypeError, ValueError) as exc:
             raise ResultBackendError(f"stored meta of task {task_id} is unreadable") from exc
-
-    async def wait(self, task_id: str, timeout: float | None) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        event = asyncio.Event()
-        self._waiters.setdefault(task_id, set()).add(event)
-        interval = _FAST_POLL_S
-        try:
-            while True:
-                event.clear()
-                meta = await self.get(task_id)
-                if meta is not None and meta.get("status") in _READY_STATES:
-                    return meta
-                remaining = None if deadline is None else deadline - loop.time()
-                if remaining is not None and remaining <= 0:
-                    raise TaskTimeout(f"task {task_id} was not ready within {timeout}s")
-                await nap(event, interval if remaining is None else min(interval, remaining))
-                interval = min(interval * 2, self.poll_interval)
-        finally:
-            waiters = self._waiters.get(task_id)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._waiters[task_id]

@@ -700,3 +700,45 @@ async def test_results_errors_are_result_backend_errors(tmp_path: Path) -> None:
     backend = SQLiteResultBackend(f"sqlite://{tmp_path}/missing/r.db")
     with pytest.raises(ResultBackendError, match="missing"):
         await backend.connect()
+
+
+async def test_many_waiters_share_one_query_per_tick(
+    db_url: str, results: SQLiteResultBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queries: list[int] = []
+    original = _sqlite_schema.Store.ready_results
+
+    def counting(self: _sqlite_schema.Store, task_ids: list[str]) -> list[tuple[str, str]]:
+        queries.append(len(task_ids))
+        return original(self, task_ids)
+
+    monkeypatch.setattr(_sqlite_schema.Store, "ready_results", counting)
+    waiters = [asyncio.ensure_future(results.wait(f"w{i}", 30)) for i in range(500)]
+    await asyncio.sleep(0.3)
+    assert queries and max(queries) == 500, "one query asks about every waiter"
+    assert len(queries) < 100, "waiters must not poll one by one"
+    writer = SQLiteResultBackend(db_url)  # another connection, as another process would
+    await writer.connect()
+    await asyncio.gather(
+        *(writer.store(f"w{i}", {"status": "SUCCESS", "result": i}) for i in range(500))
+    )
+    metas = await asyncio.wait_for(asyncio.gather(*waiters), 10)
+    assert [meta["result"] for meta in metas] == list(range(500))
+    await writer.close()
+
+
+async def test_wait_reports_unreadable_meta_and_survives_a_cancelled_waiter(
+    db_path: Path, results: SQLiteResultBackend
+) -> None:
+    cancelled = asyncio.ensure_future(results.wait("gone", None))
+    broken = asyncio.ensure_future(results.wait("broken", 10))
+    await asyncio.sleep(0.05)
+    cancelled.cancel()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("INSERT INTO results VALUES ('broken', 'SUCCESS', '{not json', NULL)")
+    with pytest.raises(ResultBackendError, match="broken"):
+        await broken
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    with pytest.raises(TaskTimeout):
+        await results.wait("gone", 0)

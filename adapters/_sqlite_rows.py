@@ -7,6 +7,7 @@ time, Decimal, UUID and bytes values intact (plain ``json`` would reject or flat
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -33,7 +34,8 @@ _decode_json = cast(Callable[[str], Any], kombu_json.loads)
 
 def decode_mapping(text: str) -> dict[str, Any]:
     """A JSON object stored by ``encode_json``; ``ValueError`` if it is anything else."""
-    value = _decode_json(text)
+    # kombu's object hook only matters where kombu wrote a type marker; plain json is faster
+    value = _decode_json(text) if "__type__" in text else json.loads(text)
     if not isinstance(value, dict):
         raise ValueError(f"expected a JSON object, got {type(value).__name__}")
     return value

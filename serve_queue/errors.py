@@ -13,6 +13,7 @@
     │   ├── ContentDisallowed       a serializer that was not explicitly allowed
     │   ├── UnknownTask             no handler is registered under the task name
     │   └── InvalidArguments        arguments do not bind to / validate against the handler
+    ├── EncodeError                 a task message cannot be built (options, unserializable data)
     ├── TaskTimeout                 waiting for a result took longer than asked
     └── TaskFailed                  the task failed remotely; carries the remote type and message
         └── TaskRevoked             the task was revoked or expired before it ran
@@ -34,6 +35,7 @@ __all__ = [
     "ConfigurationError",
     "ContentDisallowed",
     "DecodeError",
+    "EncodeError",
     "InvalidArguments",
     "MessageError",
     "MissingDependency",
@@ -101,6 +103,11 @@ class UnknownTask(MessageError):
 
 class InvalidArguments(MessageError):
     """The message's args/kwargs do not bind to, or fail validation against, the handler."""
+
+
+class EncodeError(ServeQueueError):
+    """A task message cannot be built: invalid send options, an unknown serializer or
+    compression, or arguments/results the serializer cannot encode (the cause is kept)."""
 
 
 class TaskTimeout(ServeQueueError, TimeoutError):

@@ -33,7 +33,15 @@ from serve_queue.errors import (
     ResultBackendError,
     TaskTimeout,
 )
-from serve_queue.types import Ack, BrokerAdapter, DeadLetter, Delivery, OutgoingMessage, Requeue
+from serve_queue.types import (
+    Ack,
+    BrokerAdapter,
+    DeadLetter,
+    Delivery,
+    OutgoingMessage,
+    Requeue,
+    ResultBackend,
+)
 from tests.adapters.contract import AdapterContract
 
 T = TypeVar("T")
@@ -457,14 +465,26 @@ async def test_leaving_the_iteration_hands_back_what_was_not_yielded(
 
 
 async def test_cancelled_claim_hands_its_messages_back(
-    adapter: SQLiteAdapter, db_path: Path
+    adapter: SQLiteAdapter, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for i in range(5):
         await adapter.publish("q", msg(str(i)))
+    claims: list[int] = []
+    original = _sqlite_schema.Store.claim
+
+    def watched(self: _sqlite_schema.Store, *args: Any) -> list[_sqlite_schema.MessageRow]:
+        claims.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(_sqlite_schema.Store, "claim", watched)
     holder = sqlite3.connect(db_path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # the claim will wait for this lock on its thread
     consumer = asyncio.ensure_future(take(adapter, "q", 5))
-    await asyncio.sleep(0.2)
+
+    async def claiming() -> bool:
+        return bool(claims)
+
+    await eventually(claiming)
     consumer.cancel()
     holder.execute("COMMIT")  # now the claim lands, after its caller is gone
     holder.close()
@@ -694,6 +714,13 @@ async def test_results_and_broker_share_one_file_across_instances(
     assert (await waiter)["status"] == "REVOKED"
     assert (await adapter.depth("q")).ready == 1
     await writer.close()
+
+
+def test_both_classes_satisfy_the_protocols(db_url: str) -> None:
+    broker: BrokerAdapter = SQLiteAdapter(db_url)
+    backend: ResultBackend = SQLiteResultBackend(db_url)
+    assert isinstance(broker, BrokerAdapter)
+    assert isinstance(backend, ResultBackend)
 
 
 async def test_results_errors_are_result_backend_errors(tmp_path: Path) -> None:

@@ -333,9 +333,13 @@ def _require_accepted(content_type: Any, accept: Collection[str]) -> None:
 def _deserialize(data: Any, content_type: str, content_encoding: Any) -> Any:
     try:
         if content_type == JSON_CONTENT_TYPE:
-            if type(data) is bytes:
+            if type(data) is not bytes:
+                return _json_loads(data)
+            # kombu's object_hook only changes dicts keyed "__type__": text that cannot spell
+            # that key (not even \u-escaped) decodes the same without it, at C speed
+            if b"__type__" in data or b"\\u" in data:
                 return _JSON_DECODER.decode(data.decode())
-            return _json_loads(data)
+            return json.loads(data.decode())
         return _kombu_loads(data, content_type, content_encoding, accept=(content_type,))
     except Exception as exc:
         raise DecodeError(f"undecodable body: {_describe(exc)}") from exc

@@ -493,6 +493,20 @@ def test_encode_errors(options: SendOptions, args: tuple[Any, ...], reason: str)
         encode_task("t.x", args, {}, options, origin="o")
 
 
+JSON_CAPTURES = [c for c in CAPTURED if c.delivery.content_type == "application/json"
+                 and "compression" not in c.headers]
+
+
+@pytest.mark.parametrize("body", [
+    *(c.delivery.body for c in JSON_CAPTURES),
+    b'[["\\u005f_type__"], {"d": {"\\u005f_type__": "decimal", "__value__": "1.5"}}, {}]',
+    '["caf\u00e9", {"__type__": "uuid", "__value__": {"hex": "%s"}}]'.encode() % (b"0" * 32),
+])
+def test_json_decoding_is_exactly_kombus(body: bytes) -> None:
+    expected = kombu_json.loads(body)  # type: ignore[no-untyped-call]
+    assert loads(body, "application/json", "utf-8") == expected
+
+
 def test_dumps_and_loads() -> None:
     data, content_type, encoding = dumps({"d": Decimal("2.5")}, "json")
     assert (content_type, encoding) == ("application/json", "utf-8")

@@ -141,8 +141,11 @@ class Pump:
         error = await self.ended(timeout, why)
         assert error is None, f"{why}: the iterator ended with {error!r}"
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the iterator's task; fail if the iterator does not end within ``timeout``."""
         self._task.cancel()
+        done, _ = await asyncio.wait({self._task}, timeout=timeout)
+        assert done, f"a deliveries() iterator ignored cancellation for {timeout}s"
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
@@ -184,7 +187,10 @@ class AdapterContract:
         for pump in self._pumps:
             await pump.stop()
         for adapter in self._adapters:
-            await adapter.close()
+            closing = asyncio.ensure_future(adapter.close())
+            done, _ = await asyncio.wait({closing}, timeout=self.redelivery_timeout)
+            assert done, f"{adapter!r}.close() did not return within {self.redelivery_timeout}s"
+            closing.result()
 
     @staticmethod
     def queue_name(tag: str) -> str:

@@ -1,0 +1,203 @@
+"""One consuming channel: its deliveries, the prefetch bound, and coalesced acknowledgements.
+
+Delivery tags are per channel, so a session is the unit a delivery belongs to. When the
+channel dies (connection lost, channel closed by the broker) the broker requeues everything
+that was unacked on it; the session is then ``dead`` and settling any of its deliveries is a
+no-op, so nothing from a dead channel is ever settled twice (or on the wrong channel).
+
+Acks decided in the same event-loop tick are sent together: one ``basic.ack(multiple=True)``
+for every acked tag below the lowest tag still unsettled, single acks for the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from aio_pika.abc import AbstractChannel
+from aiormq.abc import AbstractChannel as RawChannel
+from aiormq.abc import DeliveredMessage
+
+from serve_queue.adapters._amqp_link import QUIET
+
+__all__ = ["ConsumeSession", "Held"]
+
+log = logging.getLogger("serve_queue.adapters.rabbitmq")
+
+
+@dataclass(slots=True)
+class Held:
+    """A delivery the broker counts as unacked on this channel."""
+
+    queue: str
+    received_at: float
+    lease_until: float | None = None  # set when handed out (None: no lease, or still buffered)
+    warned: bool = field(default=False)
+
+
+class ConsumeSession:
+    """Consumes ``queues`` on one channel; at most ``prefetch`` deliveries handed out unsettled.
+
+    ``lease``: seconds a handed-out delivery may stay unsettled and not extended before
+    ``expired()`` reports it (None: never).
+    """
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        raw: RawChannel,
+        *,
+        prefetch: int,
+        lease: float | None,
+        generation: int,
+    ) -> None:
+        self.generation = generation
+        self.prefetch = prefetch
+        self.lease = lease
+        self.held: dict[int, Held] = {}  # unacked on the broker: buffered or handed out
+        self.dead = False
+        self.close_reason: BaseException | None = None
+        self._channel = channel  # keeps aio-pika's wrapper (and so the channel) alive
+        self._raw = raw
+        self._buffer: deque[DeliveredMessage] = deque()
+        self._out: set[int] = set()  # handed out, not settled
+        self._pending: list[int] = []  # acked, frame not yet sent
+        self._flush: asyncio.Future[None] | None = None
+        self._changed = asyncio.Event()
+        self._stopping = False
+        self._queues: dict[str, str] = {}  # consumer tag -> queue
+        raw.closing.add_done_callback(self._on_closed)
+
+    def __repr__(self) -> str:
+        state = "dead" if self.dead else "live"
+        return f"ConsumeSession(#{self.generation}, {state}, held={len(self.held)})"
+
+    async def start(self, queues: Sequence[str]) -> None:
+        await self._raw.basic_qos(prefetch_count=self.prefetch)
+        for queue in queues:
+            consumer_tag = f"serve_queue.{uuid.uuid4().hex[:12]}"
+            self._queues[consumer_tag] = queue  # before: deliveries may beat the ConsumeOk
+            await self._raw.basic_consume(
+                queue, self._on_message, no_ack=False, consumer_tag=consumer_tag
+            )
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        tag = message.delivery_tag
+        if self.dead or tag is None:
+            return
+        queue = self._queues.get(message.consumer_tag or "", message.routing_key or "")
+        self.held[tag] = Held(queue, time.monotonic())
+        self._buffer.append(message)
+        self._changed.set()
+
+    def _on_closed(self, closing: asyncio.Future[object]) -> None:
+        self.dead = True
+        if not closing.cancelled():
+            self.close_reason = closing.exception()
+        self._changed.set()
+
+    async def next(self) -> tuple[DeliveredMessage, str] | None:
+        """The next delivery once fewer than ``prefetch`` are out; None when the session ends."""
+        while not (self.dead or self._stopping):
+            if self._buffer and len(self._out) < self.prefetch:
+                message = self._buffer.popleft()
+                tag = message.delivery_tag
+                if tag is None or tag not in self.held:
+                    continue
+                self._out.add(tag)
+                held = self.held[tag]
+                if self.lease is not None:
+                    held.lease_until = time.monotonic() + self.lease
+                return message, held.queue
+            self._changed.clear()
+            await self._changed.wait()
+        return None
+
+    def owns(self, tag: int) -> bool:
+        """Whether ``tag`` can still be settled on this (live) channel."""
+        return not self.dead and tag in self.held
+
+    def extend(self, tag: int, seconds: float) -> None:
+        """Renew the lease of a handed-out delivery: it now ends ``seconds`` from now."""
+        held = self.held.get(tag)
+        if held is not None and held.lease_until is not None and not self.dead:
+            held.lease_until = time.monotonic() + seconds
+
+    def expired(self, now: float) -> list[int]:
+        """Handed-out deliveries whose lease ended before ``now``."""
+        return [
+            tag for tag, held in self.held.items()
+            if held.lease_until is not None and held.lease_until <= now
+        ]  # fmt: skip
+
+    def _take(self, tag: int) -> bool:
+        if self.held.pop(tag, None) is None or self.dead:
+            return False
+        if tag in self._out:
+            self._out.discard(tag)
+            self._changed.set()
+        return True
+
+    async def ack(self, tag: int) -> None:
+        """Acknowledge ``tag`` (with others of this tick); a no-op once the channel is dead."""
+        if not self._take(tag):
+            return
+        self._pending.append(tag)
+        if self._flush is None:
+            self._flush = asyncio.ensure_future(self._send_acks())
+        await asyncio.shield(self._flush)
+
+    async def _send_acks(self) -> None:
+        await asyncio.sleep(0)  # let the other settles of this tick join in
+        self._flush = None
+        tags, self._pending = sorted(self._pending), []
+        floor = min(self.held, default=None)
+        below = [t for t in tags if floor is None or t < floor]
+        above = tags[len(below) :]
+        try:
+            if below:
+                await self._raw.basic_ack(below[-1], multiple=len(below) > 1)
+            for tag in above:
+                await self._raw.basic_ack(tag)
+        except QUIET as exc:  # the channel is gone: the broker redelivers those messages
+            log.info("could not ack %d deliveries (channel lost): %s", len(tags), exc)
+
+    async def nack(self, tag: int) -> None:
+        """Return ``tag`` to its queue now (``basic.nack`` with requeue), marked redelivered."""
+        if not self._take(tag):
+            return
+        with contextlib.suppress(*QUIET):
+            await self._raw.basic_nack(tag, requeue=True)
+
+    async def stop(self) -> None:
+        """Stop consuming; hand back what was received but never handed out. Handed-out
+        deliveries stay settleable until the channel is closed."""
+        self._stopping = True
+        self._changed.set()
+        if self.dead:
+            return
+        with contextlib.suppress(*QUIET):
+            for consumer_tag in list(self._queues):
+                await self._raw.basic_cancel(consumer_tag)
+        for message in list(self._buffer):
+            if message.delivery_tag is not None:
+                await self.nack(message.delivery_tag)
+        self._buffer.clear()
+        if not self.held:
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the channel: the broker requeues whatever is still unacked on it."""
+        self.dead = True
+        self._changed.set()
+        with contextlib.suppress(*QUIET):
+            await self._channel.close()
+
+    def settled_all(self) -> bool:
+        return not self.held

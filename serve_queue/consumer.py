@@ -29,7 +29,7 @@ from serve_queue.dispatcher import Dispatcher, Stats
 from serve_queue.errors import BrokerError, ServeQueueError
 from serve_queue.executor import Executor
 from serve_queue.registry import Registry
-from serve_queue.types import BrokerAdapter, Delivery, QueueDepth, ResultBackend
+from serve_queue.types import BrokerAdapter, DeadLetter, Delivery, QueueDepth, ResultBackend
 
 __all__ = ["Consumer", "Health"]
 
@@ -224,8 +224,13 @@ class Consumer:
             await self.dispatcher.handle(delivery)
         except asyncio.CancelledError:
             raise
-        except Exception:  # a bug of ours: never let it end the loop, never ack blindly
+        except Exception as exc:
+            # A bug of ours. Never let it end the loop and never ack blindly; left unsettled the
+            # message would come back into the same bug forever, so keep it in the dead letters.
             log.exception("unexpected error while handling a delivery from %s", delivery.queue)
+            self.stats.dead_lettered["internal-error"] += 1
+            with contextlib.suppress(ServeQueueError):
+                await self.adapter.settle(delivery, DeadLetter(f"internal-error: {exc!r}"))
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)

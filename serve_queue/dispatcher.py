@@ -31,6 +31,7 @@ from typing import Any
 from serve_queue import protocol, results
 from serve_queue.config import ConsumerConfig
 from serve_queue.errors import (
+    EncodeError,
     InvalidArguments,
     MessageError,
     Reject,
@@ -245,7 +246,11 @@ class Dispatcher:
             return await self._failed(delivery, message, handler, exc, ignore, timeout=False)
         delay = retry.delay_s if retry.delay_s is not None else handler.options.default_retry_delay
         eta = datetime.now(timezone.utc) + timedelta(seconds=delay)
-        await self.adapter.publish(delivery.queue, protocol.encode_retry(message, eta=eta))
+        try:
+            retry_message = protocol.encode_retry(message, eta=eta)
+        except EncodeError as exc:
+            return await self._failed(delivery, message, handler, exc, ignore, timeout=False)
+        await self.adapter.publish(delivery.queue, retry_message)
         tb = traceback.format_exc()
         await self._store(
             message, results.retry_meta(message.id, retry.exc or retry, traceback=tb), ignore
@@ -264,9 +269,15 @@ class Dispatcher:
         if chain:
             pending.append((chain[-1], chain[:-1]))
         for signature, rest in pending:
-            queue, outgoing = protocol.encode_followup(
-                signature, message, value, origin=self.origin, chain=rest
-            )
+            try:
+                queue, outgoing = protocol.encode_followup(
+                    signature, message, value, origin=self.origin, chain=rest
+                )
+            except EncodeError as exc:  # the task itself succeeded: keep that, skip the link
+                log.warning(
+                    "task %s: cannot send follow-up %r: %s", message.id, signature.get("task"), exc
+                )
+                continue
             await self.adapter.publish(queue or delivery.queue, outgoing)
             children.append([[outgoing.headers["id"], None], None])
         return children

@@ -293,3 +293,25 @@ async def test_get_times_out_clearly(queue: TaskQueue) -> None:
     result = await queue.send_task("tasks.add", args=[1, 1])
     with pytest.raises(TaskTimeout):
         await result.get(timeout=0.1)
+
+
+async def test_a_follow_up_that_cannot_be_encoded_does_not_undo_the_success(
+    queue: TaskQueue, worker: Consumer
+) -> None:
+    bad_link = {"task": "tasks.add", "args": [1], "kwargs": {}, "options": {"serializer": "nope"}}
+    result = await queue.send_task("tasks.add", args=[1, 2], link=bad_link)
+    assert await result.get(timeout=5) == 3
+    assert broker_of(queue).depth("celery").total == 0
+
+
+async def test_an_internal_error_dead_letters_instead_of_looping(
+    queue: TaskQueue, worker: Consumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(delivery: Any) -> None:
+        raise RuntimeError("a bug in serve_queue")
+
+    monkeypatch.setattr(worker.dispatcher, "handle", broken)
+    await queue.send_task("tasks.add", args=[1, 2])
+    await until(lambda: len(broker_of(queue).dead_letters("celery.dlq")) == 1)
+    assert "a bug in serve_queue" in broker_of(queue).dead_letters("celery.dlq")[0].reason
+    assert broker_of(queue).depth("celery").total == 0

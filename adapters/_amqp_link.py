@@ -48,7 +48,8 @@ def amqp_url(url: str | BrokerURL) -> BrokerURL:
     if scheme is None:
         raise ConfigurationError(f"not an AMQP URL: {parsed}")
     if not parsed.host:
-        raise ConfigurationError(f"AMQP URL without a host: {parsed}")
+        hint = " (rpc:// results travel on the broker: give the broker's amqp:// URL)"
+        raise ConfigurationError(f"AMQP URL without a host: {parsed}{hint}")
     return parsed.model_copy(update={"scheme": scheme})
 
 

@@ -27,10 +27,10 @@ from aiormq.abc import DeliveredMessage
 from kombu.serialization import loads as kombu_loads
 from kombu.utils import json as kombu_json
 
-from serve_queue.adapters._amqp_link import AMQPLink, translated
+from serve_queue.adapters._amqp_link import AMQPLink, retry_delay, translated
 from serve_queue.adapters._amqp_wire import WireProperties
 from serve_queue.config import BrokerURL
-from serve_queue.errors import BrokerError, ResultBackendError, TaskTimeout
+from serve_queue.errors import BrokerError, BrokerUnavailable, ResultBackendError, TaskTimeout
 
 __all__ = ["RPCResultBackend"]
 
@@ -62,6 +62,7 @@ class RPCResultBackend:
         self._waiters: dict[str, set[asyncio.Future[dict[str, Any]]]] = {}
         self._listener: tuple[AbstractChannel, RawChannel] | None = None
         self._listen_lock = asyncio.Lock()
+        self._relisten: asyncio.Task[None] | None = None
         self._warned_no_reply_to = False
 
     def __repr__(self) -> str:
@@ -78,6 +79,9 @@ class RPCResultBackend:
 
     async def close(self) -> None:
         self._listener = None
+        if self._relisten is not None:
+            self._relisten.cancel()
+            self._relisten = None
         await self._link.close()
 
     # -- the worker's side -----------------------------------------------------------------
@@ -103,14 +107,19 @@ class RPCResultBackend:
             priority=0,
             correlation_id=task_id,
         )
-        try:
-            channel = await self._link.channel("confirm")
-            with translated(f"send the result of {task_id} to {reply_to!r}"):
-                await channel.basic_publish(
-                    body, exchange="", routing_key=reply_to, properties=props
-                )
-        except BrokerError as exc:
-            raise ResultBackendError(f"rpc backend: {exc}") from exc
+        for attempt in range(3):  # a dead connection is replaced (the link waits for it)
+            try:
+                channel = await self._link.channel("confirm")
+                with translated(f"send the result of {task_id} to {reply_to!r}"):
+                    await channel.basic_publish(
+                        body, exchange="", routing_key=reply_to, properties=props
+                    )
+                return
+            except BrokerUnavailable as exc:
+                if attempt == 2 or self._link.closed:
+                    raise ResultBackendError(f"rpc backend: {exc}") from exc
+            except BrokerError as exc:
+                raise ResultBackendError(f"rpc backend: {exc}") from exc
 
     # -- the caller's side -----------------------------------------------------------------
 
@@ -158,6 +167,23 @@ class RPCResultBackend:
                 )
                 await raw.basic_consume(self.reply_to, self._on_result, no_ack=True)
             self._listener = (channel, raw)
+            raw.closing.add_done_callback(self._on_listener_closed)
+
+    def _on_listener_closed(self, _: asyncio.Future[Any]) -> None:
+        if not self._link.closed and (self._relisten is None or self._relisten.done()):
+            self._relisten = asyncio.ensure_future(self._listen_again())
+
+    async def _listen_again(self) -> None:
+        """Listen again after a lost connection, so pending ``wait()`` calls still end."""
+        attempt = 0
+        while not self._link.closed:
+            try:
+                await self._listen()
+                return
+            except BrokerError as exc:
+                log.warning("rpc backend: cannot listen on %r yet: %s", self.reply_to, exc)
+            await asyncio.sleep(retry_delay(attempt))
+            attempt += 1
 
     async def _on_result(self, message: DeliveredMessage) -> None:
         props = message.header.properties

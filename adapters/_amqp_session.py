@@ -152,6 +152,7 @@ class ConsumeSession:
         if self._flush is None:
             self._flush = asyncio.ensure_future(self._send_acks())
         await asyncio.shield(self._flush)
+        await self._retire()
 
     async def _send_acks(self) -> None:
         await asyncio.sleep(0)  # let the other settles of this tick join in
@@ -174,6 +175,12 @@ class ConsumeSession:
             return
         with contextlib.suppress(*QUIET):
             await self._raw.basic_nack(tag, requeue=True)
+        await self._retire()
+
+    async def _retire(self) -> None:
+        """Close the channel of a stopped session once nothing on it is left to settle."""
+        if self._stopping and not self.held and not self.dead:
+            await self.close()
 
     async def stop(self) -> None:
         """Stop consuming; hand back what was received but never handed out. Handed-out
@@ -185,19 +192,19 @@ class ConsumeSession:
         with contextlib.suppress(*QUIET):
             for consumer_tag in list(self._queues):
                 await self._raw.basic_cancel(consumer_tag)
-        for message in list(self._buffer):
-            if message.delivery_tag is not None:
-                await self.nack(message.delivery_tag)
+        buffered = [m.delivery_tag for m in self._buffer if m.delivery_tag is not None]
         self._buffer.clear()
-        if not self.held:
-            await self.close()
+        for tag in buffered:
+            await self.nack(tag)
+        await self._retire()
+
+    def abandon(self) -> None:
+        """Settle nothing more on this channel (it is about to close); wake the iterator."""
+        self.dead = True
+        self._changed.set()
 
     async def close(self) -> None:
         """Close the channel: the broker requeues whatever is still unacked on it."""
-        self.dead = True
-        self._changed.set()
+        self.abandon()
         with contextlib.suppress(*QUIET):
             await self._channel.close()
-
-    def settled_all(self) -> bool:
-        return not self.held

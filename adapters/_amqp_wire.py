@@ -186,13 +186,17 @@ def incoming_properties(message: DeliveredMessage) -> dict[str, Any]:
 
 def normalize(value: Any) -> Any:
     """Header values as pamqp decoded them, with ``bytearray`` turned into ``bytes``."""
-    if isinstance(value, bytearray):
+    kind = type(value)
+    if kind is dict:
+        return {k: v if type(v) in _PLAIN else normalize(v) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) in _PLAIN else normalize(v) for v in value]
+    if kind is bytearray:
         return bytes(value)
-    if isinstance(value, dict):
-        return {str(k): normalize(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [normalize(v) for v in value]
     return value
+
+
+_PLAIN = frozenset({str, int, bool, float, type(None)})
 
 
 def delay_rung(delay_s: float) -> int:

@@ -44,7 +44,6 @@ without the management plugin; each replica reports its own).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -59,6 +58,7 @@ from pamqp.commands import Basic
 from serve_queue.adapters._amqp_link import AMQPLink, translated
 from serve_queue.adapters._amqp_rpc import RPCResultBackend
 from serve_queue.adapters._amqp_session import ConsumeSession
+from serve_queue.adapters._amqp_topology import QueueBinding, Topology
 from serve_queue.adapters._amqp_wire import (
     DELAY_RUNGS,
     REASON_HEADER,
@@ -88,15 +88,6 @@ __all__ = ["REASON_HEADER", "SOURCE_HEADER", "QueueBinding", "RPCResultBackend",
 
 log = logging.getLogger("serve_queue.adapters.rabbitmq")
 _WARN_AT = 0.8  # of consumer_timeout_s
-
-
-@dataclass(frozen=True, slots=True)
-class QueueBinding:
-    """How Celery routes to a queue (its ``task_queues`` entry): exchange, type, routing key."""
-
-    exchange: str
-    exchange_type: str = "direct"
-    routing_key: str | None = None  # None: the queue's name
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +121,16 @@ class RabbitMQAdapter:
         self.consumer_timeout_s = consumer_timeout_s
         self.publisher_confirms = publisher_confirms
         self._link = AMQPLink(url, connect_timeout=10.0, reconnect_window=reconnect_window_s)
-        self._dlq, self._dlx = dead_letter_queue, dead_letter_exchange
-        self._declare_dlq = declare_dead_letter
-        self._queue_args = dict(queue_arguments or {})
+        args = dict(queue_arguments or {})
         if max_priority is not None:
-            self._queue_args["x-max-priority"] = max_priority
-        self._bindings = dict(bindings or {})
+            args["x-max-priority"] = max_priority
+        self._topology = Topology(
+            queue_arguments=args,
+            bindings=bindings or {},
+            dead_letter_queue=dead_letter_queue,
+            dead_letter_exchange=dead_letter_exchange,
+            declare_dead_letter=declare_dead_letter,
+        )
         self._sessions: set[ConsumeSession] = set()
         self._watchdog: asyncio.Task[None] | None = None
         self._closed = False
@@ -156,17 +151,17 @@ class RabbitMQAdapter:
             self._watchdog.cancel()
             self._watchdog = None
         for session in self._sessions:
-            session.dead = True  # later settles are no-ops: the broker requeues these
+            session.abandon()  # later settles are no-ops: the broker requeues these
         self._sessions.clear()
         await self._link.close()
 
     # -- publishing ------------------------------------------------------------------------
 
     async def publish(self, queue: str, message: OutgoingMessage) -> None:
-        exchange, routing_key = self._route(queue)
+        exchange, routing_key = self._topology.route(queue)
         props = outgoing_properties(message)
         await self._send(
-            lambda ch: self._declare_queue(ch, queue),
+            lambda ch: self._topology.queue(ch, queue, self._link.declared),
             exchange,
             routing_key,
             message.body,
@@ -174,12 +169,6 @@ class RabbitMQAdapter:
             confirm=self.publisher_confirms,
             what=f"publish to {queue!r}",
         )
-
-    def _route(self, queue: str) -> tuple[str, str]:
-        binding = self._bindings.get(queue)
-        if binding is None or binding.exchange_type == "direct":
-            return "", queue  # Celery's rewrite of direct exchanges to the default exchange
-        return binding.exchange, binding.routing_key or queue
 
     async def _send(
         self,
@@ -210,65 +199,6 @@ class RabbitMQAdapter:
                 raise BrokerError(f"{what}: the broker refused the message ({result.name})")
             return
 
-    # -- topology --------------------------------------------------------------------------
-
-    async def _declare_queue(self, channel: RawChannel, queue: str) -> None:
-        """Celery's topology for ``queue`` (exchange, queue, binding), once per connection."""
-        if ("queue", queue) in self._link.declared:
-            return
-        binding = self._bindings.get(queue, QueueBinding(queue))
-        with self._declaring(f"queue {queue!r}", self._queue_args):
-            if binding.exchange:
-                await channel.exchange_declare(
-                    binding.exchange, exchange_type=binding.exchange_type, durable=True
-                )
-            await channel.queue_declare(queue, durable=True, arguments=self._queue_args or None)
-            if binding.exchange:
-                key = binding.routing_key or queue
-                await channel.queue_bind(queue, binding.exchange, routing_key=key)
-        self._link.declared.add(("queue", queue))
-
-    async def _declare_delays(self, channel: RawChannel, queue: str) -> None:
-        """All delay queues of ``queue``; rung 0 last, so that it existing means all do."""
-        if ("delay", queue) in self._link.declared:
-            return
-        for rung in reversed(range(DELAY_RUNGS)):
-            args: dict[str, Any] = {
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": queue,
-            }
-            with self._declaring(f"delay queue {delay_queue(queue, rung)!r}", args):
-                await channel.queue_declare(delay_queue(queue, rung), durable=True, arguments=args)
-        self._link.declared.add(("delay", queue))
-
-    async def _declare_dead_letter(self, channel: RawChannel, queue: str) -> None:
-        dlq = self._dlq.format(queue=queue)
-        if not self._declare_dlq or ("dlq", dlq) in self._link.declared:
-            return
-        with self._declaring(f"dead-letter queue {dlq!r}", {}):
-            if self._dlx:
-                await channel.exchange_declare(self._dlx, exchange_type="direct", durable=True)
-            await channel.queue_declare(dlq, durable=True)
-            if self._dlx:
-                await channel.queue_bind(dlq, self._dlx, routing_key=dlq)
-        self._link.declared.add(("dlq", dlq))
-
-    @contextlib.contextmanager
-    def _declaring(self, what: str, arguments: Mapping[str, Any]) -> Any:
-        try:
-            with translated(f"declare {what}"):
-                yield
-        except BrokerError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, aiormq.exceptions.ChannelPreconditionFailed):
-                raise ConfigurationError(
-                    f"RabbitMQ refuses to declare {what} with arguments {dict(arguments)}: it "
-                    f"exists with different ones ({cause}). Declare it the same way everywhere "
-                    "(max_priority <-> Celery's task_queue_max_priority, queue_arguments for the "
-                    "rest) or delete the queue."
-                ) from cause
-            raise
-
     # -- consuming -------------------------------------------------------------------------
 
     async def deliveries(self, queues: Sequence[str], prefetch: int) -> AsyncIterator[Delivery]:
@@ -291,7 +221,7 @@ class RabbitMQAdapter:
             try:
                 channel, raw = await self._link.open_channel(confirms=False)
                 for queue in queues:
-                    await self._declare_queue(raw, queue)
+                    await self._topology.queue(raw, queue, self._link.declared)
                 session = ConsumeSession(
                     channel,
                     raw,
@@ -349,7 +279,7 @@ class RabbitMQAdapter:
         queue, rung = delivery.queue, delay_rung(delay_s)
         props = outgoing_properties(_copy(delivery), expiration=expiration_ms(delay_s), copy=True)
         await self._send(
-            lambda ch: self._declare_delays(ch, queue),
+            lambda ch: self._topology.delays(ch, queue, self._link.declared),
             "",
             delay_queue(queue, rung),
             delivery.body,
@@ -359,13 +289,14 @@ class RabbitMQAdapter:
         )
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
-        dlq = self._dlq.format(queue=delivery.queue)
-        headers = {**delivery.headers, REASON_HEADER: reason, SOURCE_HEADER: delivery.queue}
+        queue = delivery.queue
+        exchange, dlq = self._topology.dead_letter_route(queue)
+        headers = {**delivery.headers, REASON_HEADER: reason, SOURCE_HEADER: queue}
         props = outgoing_properties(_copy(delivery), headers=headers, copy=True)
-        props.delivery_mode = 2
+        props.delivery_mode = 2  # kept, whatever the original said
         await self._send(
-            lambda ch: self._declare_dead_letter(ch, delivery.queue),
-            self._dlx,
+            lambda ch: self._topology.dead_letter(ch, queue, self._link.declared),
+            exchange,
             dlq,
             delivery.body,
             props,

@@ -12,6 +12,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ from pamqp.commands import Basic
 
 from serve_queue.adapters import open_adapter
 from serve_queue.adapters._amqp_wire import encode_table, outgoing_properties
-from serve_queue.adapters.rabbitmq import QueueBinding, RabbitMQAdapter
-from serve_queue.errors import BrokerUnavailable, ConfigurationError, EncodeError
+from serve_queue.adapters.rabbitmq import QueueBinding, RabbitMQAdapter, RPCResultBackend
+from serve_queue.errors import BrokerUnavailable, ConfigurationError, EncodeError, TaskTimeout
 from serve_queue.types import (
     Ack,
     BrokerAdapter,
@@ -227,9 +228,10 @@ def vhost_of(url: str) -> str:
     return url.rsplit("/", 1)[1] or "/"
 
 
-def listing(server: RabbitMQServer, url: str, what: str, *columns: str) -> set[tuple[str, ...]]:
+def listing(server: RabbitMQServer, url: str, what: str, *columns: str) -> list[tuple[str, ...]]:
+    """Rows of ``rabbitmqctl list_<what> -p <vhost> <columns>``."""
     text = server.ctl(f"list_{what}", "-p", vhost_of(url), "--no-table-headers", *columns)
-    return {tuple(line.split("\t")) for line in text.splitlines() if line.strip()}
+    return [tuple(line.split("\t")) for line in text.splitlines() if line.strip()]
 
 
 async def test_topology_is_what_celery_declares(
@@ -513,6 +515,9 @@ async def test_broker_restart_mid_run_loses_nothing(
     queue, count = queue_name("restart"), 300
     adapter = RabbitMQAdapter(amqp_url, reconnect_window_s=90.0)
     await adapter.connect()
+    caller = RPCResultBackend(amqp_url, reconnect_window_s=90.0)
+    await caller.connect()
+    waiting = asyncio.create_task(caller.wait("rpc-after-restart", timeout=200))
     sent = [f"r-{i:03d}".encode() for i in range(count)]
     late = [f"late-{i:02d}".encode() for i in range(30)]  # published while the broker restarts
     for start in range(0, count, 50):
@@ -555,6 +560,15 @@ async def test_broker_restart_mid_run_loses_nothing(
     assert await wait_for_depth(adapter, queue, 0)
     await adapter.close()
 
+    # the rpc backend listens again on its reply queue: a wait() begun before the restart ends
+    await caller.get("anything")  # listening again (also done in the background)
+    worker = RPCResultBackend(amqp_url)
+    meta = {"status": "SUCCESS", "result": 1, "task_id": "rpc-after-restart"}
+    await worker.store("rpc-after-restart", meta, reply_to=caller.reply_to)
+    assert (await waiting)["result"] == 1
+    await worker.close()
+    await caller.close()
+
 
 async def test_unreachable_broker_is_unavailable_without_the_password() -> None:
     from tests.servers import free_port
@@ -578,3 +592,81 @@ async def test_open_adapter_builds_it_from_amqp_and_pyamqp_urls(amqp_url: str) -
         await adapter.close()
     with pytest.raises(ConfigurationError):
         RabbitMQAdapter(amqp_url, dead_letter_queue="{nope}")
+
+
+async def test_an_abandoned_iterator_hands_back_and_closes_its_channel(
+    adapter: RabbitMQAdapter, amqp_url: str, rabbitmq_server: RabbitMQServer
+) -> None:
+    queue = queue_name("abandon")
+    for i in range(10):
+        await adapter.publish(queue, OutgoingMessage(f"a{i}".encode()))
+    iterator = adapter.deliveries([queue], 4)
+    taken = [await iterator.__anext__() for _ in range(3)]  # 4 prefetched, 3 handed out
+    await iterator.aclose()  # type: ignore[attr-defined]
+    assert (await adapter.depth(queue)).ready == 7, "the unyielded one goes straight back"
+
+    def channels() -> int:
+        rows = listing(rabbitmq_server, amqp_url, "channels", "vhost", "number")
+        return sum(1 for row in rows if row[0] == vhost_of(amqp_url))
+
+    # the publisher's channel and the stopped session's (the depth probe's closed on a 404)
+    assert channels() == 2
+    for delivery in taken:
+        await adapter.settle(delivery, Ack())
+    deadline = time.monotonic() + 10
+    while channels() > 1:
+        assert time.monotonic() < deadline, "the stopped session's channel was never closed"
+        await asyncio.sleep(0.1)
+    assert (await adapter.depth(queue)).total == 7
+
+
+# -- rpc:// result backend --------------------------------------------------------------------
+
+
+async def test_rpc_results_go_to_the_reply_to_queue_and_never_regress(amqp_url: str) -> None:
+    caller, worker = RPCResultBackend(amqp_url), RPCResultBackend(amqp_url)
+    await caller.connect()
+    await worker.connect()
+    reply_to = caller.reply_to
+    try:
+        assert await caller.get("t-1") is None
+        started = {"status": "STARTED", "result": None, "task_id": "t-1"}
+        await worker.store("t-1", started, reply_to=reply_to)
+        when = datetime(2030, 1, 1, tzinfo=timezone.utc)
+        done = {"status": "SUCCESS", "result": {"n": [1, 2]}, "task_id": "t-1", "date_done": when}
+        await worker.store("t-1", done, reply_to=reply_to)
+        meta = await caller.wait("t-1", timeout=10)
+        assert meta["result"] == {"n": [1, 2]}
+        assert meta["date_done"] == when  # kombu JSON both ways
+        await worker.store("t-1", started, reply_to=reply_to)  # a late STARTED
+        await worker.store("t-2", {**done, "task_id": "t-2"}, reply_to=reply_to)
+        await caller.wait("t-2", timeout=10)  # sent after the late STARTED of t-1
+        assert (await caller.get("t-1") or {})["status"] == "SUCCESS", "a final state stays"
+        with pytest.raises(TaskTimeout):
+            await caller.wait("t-unknown", timeout=0.2)
+        await worker.store("t-3", done, reply_to=None)  # nobody to tell: a logged no-op
+    finally:
+        await caller.close()
+        await worker.close()
+
+
+async def test_rpc_reply_has_celerys_properties(amqp_url: str) -> None:
+    box = queue_name("reply")
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(box, durable=True)
+    finally:
+        await connection.close()
+    worker = RPCResultBackend(amqp_url)
+    try:
+        await worker.store("t-9", {"status": "SUCCESS", "result": 5, "task_id": "t-9"},
+                           reply_to=box)  # fmt: skip
+    finally:
+        await worker.close()
+    ((body, headers, props),) = await browse(amqp_url, box)
+    assert json.loads(body) == {"status": "SUCCESS", "result": 5, "task_id": "t-9"}
+    assert headers == {}
+    assert (props.correlation_id, props.delivery_mode, props.priority) == ("t-9", 1, 0)
+    assert (props.content_type, props.content_encoding) == ("application/json", "utf-8")
+    assert props.reply_to is None

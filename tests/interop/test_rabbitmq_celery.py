@@ -19,6 +19,7 @@ from serve_queue.protocol import SendOptions
 from serve_queue.results.meta import failure_meta, success_meta
 from serve_queue.types import Ack, Requeue
 from tests.adapters.contract import Pump
+from tests.interop.celeryapp import make_app
 from tests.interop.conftest import MakeApp, StartWorker
 from tests.servers import RedisServer
 
@@ -209,11 +210,10 @@ async def test_celery_client_get_reads_what_our_rpc_backend_stores(
     amqp_url: str,
     adapter: RabbitMQAdapter,
     rpc: RPCResultBackend,
-    celery_app: MakeApp,
     celery_thread: ThreadPoolExecutor,
     pumps: list[Pump],
 ) -> None:
-    app: Celery = celery_app(amqp_url, "rpc://")
+    app = make_app(amqp_url, "rpc://")  # closed here: see close_rpc_app
     ok = await in_thread(celery_thread, app.send_task, "tasks.add", (2, 3))
     bad = await in_thread(celery_thread, app.send_task, "tasks.fail", ("nope",))
     pumps.append(pump := Pump(adapter, ["celery"], 10))
@@ -231,12 +231,15 @@ async def test_celery_client_get_reads_what_our_rpc_backend_stores(
         with pytest.raises(ValueError, match="nope"):
             await in_thread(celery_thread, bad.get, timeout=30)
     finally:
-        await in_thread(celery_thread, close_rpc_client, app)
+        await in_thread(celery_thread, close_rpc_app, app)
 
 
-def close_rpc_client(app: Celery) -> None:
-    """Close the connection Celery's rpc:// client opened to read replies (app.close()
-    leaves it to the garbage collector, which warns)."""
-    connection = app.backend.result_consumer._connection
+def close_rpc_app(app: Celery) -> None:
+    """Close the app and the connection its rpc:// client opened to read replies, which
+    ``app.close()`` leaves to the garbage collector (Celery's ``ResultConsumer.stop()`` fails
+    once its consumer is gone, so the connection is closed directly)."""
+    consumer = app.backend.result_consumer
+    connection, consumer._connection, consumer._consumer = consumer._connection, None, None
     if connection is not None:
         connection.close()
+    app.close()

@@ -1,0 +1,40 @@
+"""The benchmark harness works end to end (a smoke check, never a speed check).
+
+Runs ``python -m benchmarks.run --quick`` on its two cheapest scenarios in a subprocess (its
+own redis-server, our consumer and a Celery worker as subprocesses) and checks that it exits 0
+and writes the raw runs and a plot. No timing is asserted: benchmarks are not tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_quick_benchmark_writes_results_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--scenarios", "noop,enqueue",
+         "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=170, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    session = json.loads((out / "results.json").read_text())
+    assert [sc["name"] for sc in session["scenarios"]] == ["noop", "enqueue"]
+    for scenario in session["scenarios"]:
+        ours = scenario["sides"][0]
+        assert ours["ours"] and ours["runs"], scenario["name"]
+        assert all(run["ok"] for run in ours["runs"]), ours["runs"]
+        assert ours["runs"][0]["value"] > 0
+    assert (out / "throughput.png").stat().st_size > 0
+    assert "ours/peer" in done.stdout

@@ -48,7 +48,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiormq
 from aiormq.abc import AbstractChannel as RawChannel
@@ -188,9 +188,11 @@ class RabbitMQAdapter:
                 channel = await self._link.channel("confirm" if confirm else "plain")
                 await declare(channel)
                 with translated(what):
-                    result = await channel.basic_publish(
-                        bytes(body), exchange=exchange, routing_key=routing_key, properties=props
-                    )
+                    # with confirms, the confirm is what to wait for, not the socket write
+                    result = await cast(aiormq.Channel, channel).basic_publish(
+                        bytes(body), exchange=exchange, routing_key=routing_key, properties=props,
+                        wait=not confirm,
+                    )  # fmt: skip
             except BrokerUnavailable:
                 if attempt == 2 or self._closed:
                     raise

@@ -670,3 +670,23 @@ async def test_rpc_reply_has_celerys_properties(amqp_url: str) -> None:
     assert (props.correlation_id, props.delivery_mode, props.priority) == ("t-9", 1, 0)
     assert (props.content_type, props.content_encoding) == ("application/json", "utf-8")
     assert props.reply_to is None
+
+
+async def test_quorum_queues_as_celery_declares_them(amqp_url: str, pumps: list[Pump]) -> None:
+    queue = queue_name("quorum")  # task_default_queue_type="quorum" in Celery >= 5.5
+    adapter = RabbitMQAdapter(amqp_url, queue_arguments={"x-queue-type": "quorum"})
+    await adapter.connect()
+    try:
+        for body in (b"q1", b"q2"):
+            await adapter.publish(queue, OutgoingMessage(body))
+        pumps.append(pump := Pump(adapter, [queue], 2))  # per-consumer qos: quorum-safe
+        got = {d.body: d for d in await pump.take(2, 10, "from a quorum queue")}
+        await adapter.settle(got[b"q1"], Requeue())
+        await adapter.settle(got[b"q2"], Requeue(delay_s=0.2))
+        again = {d.body: d for d in await pump.take(2, 10, "both back")}
+        assert again[b"q1"].redelivered
+        for delivery in again.values():
+            await adapter.settle(delivery, Ack())
+        assert await wait_for_depth(adapter, queue, 0)
+    finally:
+        await adapter.close()

@@ -10,8 +10,10 @@ class and adds what Serve calls by name:
   stalled, so Serve replaces the replica (and recovers on its own within the grace);
 - ``record_autoscaling_stats``: backlog (ready + reserved + delayed), oldest message age and
   running tasks, for ``BacklogPolicy`` or any custom policy;
-- ``async __del__``: stop fetching, let running handlers finish within the drain budget
-  (kept inside ``graceful_shutdown_timeout_s``), hand everything else back at once.
+- ``__del__`` (Serve awaits it as an async destructor): stop fetching, let running handlers
+  finish within the drain budget (kept inside ``graceful_shutdown_timeout_s``), hand
+  everything else back at once. Outside a replica it does nothing: the class stays a plain
+  class whose handlers are ordinary methods.
 
 Nothing here imports Ray at module import time; Ray is imported when a replica starts or a
 policy is built.
@@ -20,11 +22,12 @@ policy is built.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
 from serve_queue.config import ConsumerConfig
@@ -42,6 +45,9 @@ C = TypeVar("C", bound=type)
 #: seconds kept back from Serve's graceful_shutdown_timeout_s to hand work back and close
 _SHUTDOWN_MARGIN_S = 2.0
 _STATE_ATTR = "_serve_queue_consumer"
+_START_ATTR = "_serve_queue_start"
+#: what Serve shows as the policy of a ``BacklogPolicy`` (the instance travels pickled)
+_POLICY_PATH = "serve_queue.serve:BacklogPolicy"
 
 
 class QueueSource(Protocol):
@@ -62,36 +68,33 @@ def consumer_deployment(queue: QueueSource, config: ConsumerConfig) -> Callable[
         user_check = getattr(cls, "check_health", None)
         user_del = getattr(cls, "__del__", None)
 
-        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-            cls.__init__(self, *args, **kwargs)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+            cls.__init__(self, *args, **kwargs)  # type: ignore[misc]
             registry = Registry.from_objects(self)
             consumer = Consumer(
                 queue.open_adapter(), registry, backend=queue.open_results(), config=config
             )
             setattr(self, _STATE_ATTR, consumer)
-            _start_in_replica(consumer)
+            setattr(self, _START_ATTR, _start_in_replica(consumer))
 
         async def check_health(self: Any) -> None:
             if user_check is not None:
                 outcome = user_check(self)
                 if inspect.isawaitable(outcome):
                     await outcome
-            consumer = replica_consumer(self)
-            health = consumer.health()
-            if not health.ok:
-                raise RuntimeError(f"serve_queue consumer unhealthy: {health.reason}")
+            _raise_if_unhealthy(self)
 
         async def record_autoscaling_stats(self: Any) -> dict[str, float]:
             return await _autoscaling_stats(replica_consumer(self))
 
-        async def __del__(self: Any) -> None:  # noqa: PLE0302 - Serve awaits an async __del__
-            consumer = getattr(self, _STATE_ATTR, None)
-            if consumer is not None:
-                await consumer.stop(drain_timeout=_drain_budget(consumer.config))
-            if user_del is not None:
-                outcome = user_del(self)
-                if inspect.isawaitable(outcome):
-                    await outcome
+        def __del__(self: Any) -> Coroutine[Any, Any, None] | None:  # noqa: N807
+            # Serve awaits the coroutine this returns (an async destructor). Not `async def`:
+            # outside a replica (a plain instance in a test, or Python's own finalizer after
+            # Serve's call) there is nothing to drain, and no un-awaited coroutine is made.
+            starting = vars(self).pop(_START_ATTR, None)
+            if starting is not None:
+                return _shut_down(self, starting, user_del)
+            return None if user_del is None else user_del(self)
 
         namespace = {
             "__init__": __init__,
@@ -132,17 +135,45 @@ def _task_names(cls: type) -> list[str]:
     return sorted(seen)
 
 
-def _start_in_replica(consumer: Consumer) -> None:
+def _start_in_replica(consumer: Consumer) -> asyncio.Task[None] | None:
     """Start consuming on the running loop when inside a Serve replica; otherwise (the class
     instantiated in a test or a script) leave it to the caller: ``await consumer.start()``."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
-        return
+        return None
     if not _in_serve_replica():
-        return
+        return None
     task = loop.create_task(consumer.start(), name="serve-queue-start")
     task.add_done_callback(_log_start_failure)
+    return task
+
+
+def _raise_if_unhealthy(instance: Any) -> None:
+    """Raise (so Serve replaces the replica) when its consumer failed to start or is unfit."""
+    starting = getattr(instance, _START_ATTR, None)
+    if starting is not None and starting.done():
+        failure = "cancelled" if starting.cancelled() else starting.exception()
+        if failure is not None:
+            raise RuntimeError(f"serve_queue consumer failed to start: {failure!r}")
+    health = replica_consumer(instance).health()
+    if not health.ok:
+        raise RuntimeError(f"serve_queue consumer unhealthy: {health.reason}")
+
+
+async def _shut_down(
+    instance: Any, starting: asyncio.Task[None], user_del: Callable[[Any], Any] | None
+) -> None:
+    """The replica's destructor: drain the consumer within the budget, then the user's."""
+    consumer = replica_consumer(instance)
+    if not starting.done():  # still connecting (broker down): there is nothing to drain
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+    await consumer.stop(drain_timeout=_drain_budget(consumer.config))
+    if user_del is not None:
+        outcome = user_del(instance)
+        if inspect.isawaitable(outcome):
+            await outcome
 
 
 def _in_serve_replica() -> bool:
@@ -161,15 +192,20 @@ def _log_start_failure(task: asyncio.Task[None]) -> None:
 
 
 def _drain_budget(config: ConsumerConfig) -> float:
-    """The drain budget: the consumer's, kept inside Serve's graceful shutdown timeout."""
+    """The drain budget: the consumer's, kept inside what is left of Serve's graceful shutdown
+    timeout when it awaits ``__del__``. Serve kills the replica ``graceful_shutdown_timeout_s``
+    after it began stopping it, and first waits at least one ``graceful_shutdown_wait_loop_s``
+    for ongoing Serve requests (longer while some are still running, which cannot be seen
+    from here); the margin is for handing the rest back and closing."""
     try:
         from ray import serve
 
-        ctx = serve.get_replica_context()
-        graceful = float(ctx._deployment_config.graceful_shutdown_timeout_s)
+        deployment = serve.get_replica_context()._deployment_config
+        graceful = float(deployment.graceful_shutdown_timeout_s)
+        waited = float(deployment.graceful_shutdown_wait_loop_s)
     except Exception:
         return config.drain_timeout
-    return max(0.0, min(config.drain_timeout, graceful - _SHUTDOWN_MARGIN_S))
+    return max(0.0, min(config.drain_timeout, graceful - waited - _SHUTDOWN_MARGIN_S))
 
 
 async def _autoscaling_stats(consumer: Consumer) -> dict[str, float]:
@@ -205,9 +241,11 @@ class BacklogPolicy:
 
     desired replicas = ceil(backlog / target_per_replica), where backlog = ready + reserved
     messages of the consumed queues (delayed ones are not work yet), read from the broker by
-    the controller itself, so it can scale up from zero replicas, when no replica reports. Serve applies its
-    own bounds and up/down-scale delays on top. Build it with ``TaskQueue.autoscaling_policy``;
-    it carries the queue's settings (pickled, never shown in Serve's config).
+    the controller itself, so it can scale up from zero replicas, when no replica reports.
+    Serve applies its own bounds and up/down-scale delays on top. Build it with
+    ``TaskQueue.autoscaling_policy``, which hands Serve ``as_serve_policy()``: the instance
+    travels pickled with the queue's settings, and Serve's config shows only a redacted
+    summary (never the broker password).
     """
 
     def __init__(
@@ -224,31 +262,57 @@ class BacklogPolicy:
         self.queues = tuple(queues)
         self.target_per_replica = target_per_replica
         self.poll_interval_s = poll_interval_s
-        self._adapter: BrokerAdapter | None = None
         self._backlog = 0
         self._poll: asyncio.Task[None] | None = None
         self._last_poll = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_adapter": None, "_poll": None, "_last_poll": 0.0}
+        return {**self.__dict__, "_backlog": 0, "_poll": None, "_last_poll": 0.0}
+
+    def as_serve_policy(self) -> Any:
+        """This policy as a ``ray.serve.config.AutoscalingPolicy``.
+
+        Serve only takes a function or a class by import path (``policy_kwargs`` must be JSON
+        and are shown in its config), so the configured instance is handed over pickled, the
+        way Serve ships every policy to its controller; ``policy_kwargs`` carry a redacted
+        summary, so Serve's config shows the settings and sees a change of them.
+        """
+        from ray import cloudpickle
+        from ray.serve.config import AutoscalingPolicy
+
+        summary = {
+            "broker": str(getattr(self.queue, "broker_url", type(self.queue).__name__)),
+            "queues": list(self.queues),
+            "target_per_replica": self.target_per_replica,
+            "poll_interval_s": self.poll_interval_s,
+        }
+        return AutoscalingPolicy.from_serialized_policy_def(
+            {"policy_function": _POLICY_PATH, "policy_kwargs": summary},
+            cloudpickle.dumps(self),  # type: ignore[no-untyped-call]
+        )
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         now = time.monotonic()
-        if (self._poll is None or self._poll.done()) and now - self._last_poll >= self.poll_interval_s:
+        if (
+            self._poll is None or self._poll.done()
+        ) and now - self._last_poll >= self.poll_interval_s:
             self._last_poll = now
             self._poll = asyncio.get_running_loop().create_task(self._read_backlog())
         desired = math.ceil(self._backlog / self.target_per_replica)
         return desired, {"serve_queue_backlog": self._backlog}
 
     async def _read_backlog(self) -> None:
+        """One short-lived connection per poll: nothing is left open in Serve's controller
+        when the deployment is redeployed or deleted and this policy is dropped."""
+        adapter = self.queue.open_adapter()
         try:
-            if self._adapter is None:
-                adapter = self.queue.open_adapter()
-                await adapter.connect()
-                self._adapter = adapter
-            depths = [await self._adapter.depth(q) for q in self.queues]
+            await adapter.connect()
+            depths = [await adapter.depth(q) for q in self.queues]
         except ServeQueueError as exc:
             log.warning("autoscaling policy could not read the backlog: %s", exc)
             return
+        finally:
+            with contextlib.suppress(ServeQueueError):
+                await adapter.close()
         total = _sum_depths(depths)
         self._backlog = total.ready + total.reserved

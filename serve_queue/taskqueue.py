@@ -195,13 +195,12 @@ class TaskQueue:
         """A ``ray.serve.config.AutoscalingPolicy`` that scales a consumer deployment of this
         queue on its backlog (ready + reserved messages): ``ceil(backlog / target_per_replica)``
         replicas, within the deployment's ``min_replicas``/``max_replicas`` (0 allowed) and
-        Serve's up/down-scale delays. Pass it as ``AutoscalingConfig(policy=...)``."""
-        from ray.serve.config import AutoscalingPolicy
-
+        Serve's up/down-scale delays. Pass it as ``AutoscalingConfig(policy=...)`` (or as
+        ``"policy"`` in a deployment's ``autoscaling_config`` dict)."""
         policy = BacklogPolicy(
             self,
             tuple(queues or (self.default_queue,)),
             target_per_replica=target_per_replica,
             poll_interval_s=poll_interval_s,
         )
-        return AutoscalingPolicy(policy_function=policy)  # type: ignore[no-untyped-call]
+        return policy.as_serve_policy()

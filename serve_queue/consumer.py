@@ -36,6 +36,8 @@ __all__ = ["Consumer", "Health"]
 log = logging.getLogger("serve_queue.consumer")
 
 _BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+#: how often a broker that looks down is probed
+_PROBE_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,7 @@ class Consumer:
         self._background = [
             asyncio.create_task(self._renew_leases(), name="serve-queue-leases"),
             asyncio.create_task(self._watch_loop(), name="serve-queue-loop-watch"),
+            asyncio.create_task(self._watch_broker(), name="serve-queue-broker-watch"),
         ]
         log.info(
             "consumer %s started on %s (concurrency %d, threads %d, tasks: %s)",
@@ -213,6 +216,20 @@ class Consumer:
                 attempt += 1
             else:
                 await asyncio.sleep(_BACKOFF_S[0])  # the adapter ended its stream: go again
+
+    async def _watch_broker(self) -> None:
+        """While the broker looks down, probe it: it is back as soon as it answers, even when
+        no message comes to show it (on an idle queue it would otherwise look down for good)."""
+        while True:
+            await asyncio.sleep(_PROBE_S)
+            if self._broker_down_since is None:
+                continue
+            try:
+                await self.adapter.depth(self.config.queues[0])
+            except BrokerError as exc:
+                self._broker_down(exc)
+            else:
+                self._broker_up()
 
     def _spawn(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._process(delivery))

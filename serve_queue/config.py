@@ -166,7 +166,8 @@ class ConsumerConfig(BaseModel):
     acks_on_failure_or_timeout: bool = True
     accept_content: tuple[str, ...] = DEFAULT_ACCEPT
     drain_timeout: float = Field(default=30.0, ge=0)
-    lease_s: float = Field(default=60.0, gt=0)
+    #: lease renewed for running tasks; None: the adapter's visibility_timeout (else 60 s)
+    lease_s: float | None = Field(default=None, gt=0)
     #: an ETA further away than this is parked on the broker instead of held in memory
     max_hold_s: float = Field(default=1.0, ge=0)
     #: store STARTED before a handler runs (Celery's task_track_started; one more write per task)

@@ -160,6 +160,15 @@ class Consumer:
         return self.dispatcher.stats
 
     @property
+    def lease_s(self) -> float:
+        """How long a running task's lease lasts; renewed every third of it. The adapter's
+        visibility timeout unless configured, so renewal always beats redelivery."""
+        if self.config.lease_s is not None:
+            return self.config.lease_s
+        timeout = getattr(self.adapter, "visibility_timeout", None)
+        return float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else 60.0
+
+    @property
     def running(self) -> int:
         """How many deliveries are being processed right now."""
         return len(self._running)
@@ -254,13 +263,14 @@ class Consumer:
         self._slots.release()
 
     async def _renew_leases(self) -> None:
-        interval = self.config.lease_s / 3
+        lease = self.lease_s
+        interval = lease / 3
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
             due = [d for d, started in self._running.values() if now - started >= interval]
             outcomes = await asyncio.gather(
-                *(self.adapter.extend(d, self.config.lease_s) for d in due),
+                *(self.adapter.extend(d, lease) for d in due),
                 return_exceptions=True,
             )
             errors = [e for e in outcomes if isinstance(e, ServeQueueError)]

@@ -315,3 +315,20 @@ async def test_an_internal_error_dead_letters_instead_of_looping(
     await until(lambda: len(broker_of(queue).dead_letters("celery.dlq")) == 1)
     assert "a bug in serve_queue" in broker_of(queue).dead_letters("celery.dlq")[0].reason
     assert broker_of(queue).depth("celery").total == 0
+
+
+async def test_leases_follow_the_brokers_visibility_timeout(handlers: Handlers) -> None:
+    """A task running longer than the visibility timeout is renewed, never redelivered."""
+    queue = TaskQueue(
+        "memory://lease", results="memory://", broker_options={"visibility_timeout": 0.3}
+    )
+    async with queue.worker(handlers) as consumer:
+        assert consumer.lease_s == 0.3
+        result = await queue.send_task("tasks.wait")
+        await until(lambda: consumer.running == 1)
+        await asyncio.sleep(1.0)  # over three visibility timeouts
+        assert broker_of(queue).depth("celery").ready == 0
+        handlers.release.set()
+        assert await result.get(timeout=5) == "released"
+        assert consumer.stats.received == 1  # not redelivered while it ran
+    await queue.close()

@@ -19,6 +19,7 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from aio_pika.abc import AbstractChannel
 from aiormq.abc import AbstractChannel as RawChannel
@@ -78,14 +79,16 @@ class ConsumeSession:
         state = "dead" if self.dead else "live"
         return f"ConsumeSession(#{self.generation}, {state}, held={len(self.held)})"
 
-    async def start(self, queues: Sequence[str]) -> None:
+    async def start(self, queues: Sequence[str], arguments: dict[str, Any] | None = None) -> None:
+        """Set the prefetch and consume ``queues`` (``arguments``: basic.consume's)."""
         await self._raw.basic_qos(prefetch_count=self.prefetch)
         for queue in queues:
             consumer_tag = f"serve_queue.{uuid.uuid4().hex[:12]}"
             self._queues[consumer_tag] = queue  # before: deliveries may beat the ConsumeOk
             await self._raw.basic_consume(
-                queue, self._on_message, no_ack=False, consumer_tag=consumer_tag
-            )
+                queue, self._on_message, no_ack=False, consumer_tag=consumer_tag,
+                arguments=arguments,
+            )  # fmt: skip
 
     async def _on_message(self, message: DeliveredMessage) -> None:
         tag = message.delivery_tag

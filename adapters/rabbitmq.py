@@ -29,8 +29,10 @@ RabbitMQ's own limit is ``consumer_timeout`` (default 30 min, since 3.8.15): it 
 channel that holds a delivery unacked for longer, whatever ``extend()`` says; the adapter then
 reopens it and the broker redelivers. A warning is logged once a delivery has been held for
 80% of ``consumer_timeout_s`` (set it to the broker's value). Raise the broker's limit for long
-tasks with ``consumer_timeout = 7200000`` (ms) in ``rabbitmq.conf``, or per queue with the
-``x-consumer-timeout`` argument or policy (RabbitMQ >= 3.12).
+tasks with ``consumer_timeout = 7200000`` (ms) in ``rabbitmq.conf``, per queue with a
+``consumer-timeout`` policy (RabbitMQ >= 3.12), or, with ``request_consumer_timeout=True``,
+for this adapter's consumers: they then ask for ``consumer_timeout_s`` with the
+``x-consumer-timeout`` consumer argument (honoured from RabbitMQ 3.12; older brokers ignore it).
 
 Connection loss: the adapter reconnects with backoff (up to ``reconnect_window_s`` per call
 before raising ``BrokerUnavailable``), redeclares its topology and resumes consuming.
@@ -111,6 +113,7 @@ class RabbitMQAdapter:
         queue_arguments: Mapping[str, Any] | None = None,
         bindings: Mapping[str, QueueBinding] | None = None,
         consumer_timeout_s: float = 1800.0,
+        request_consumer_timeout: bool = False,
         publisher_confirms: bool = True,
         reconnect_window_s: float = 30.0,
     ) -> None:
@@ -119,6 +122,9 @@ class RabbitMQAdapter:
             raise ConfigurationError("visibility_timeout must be positive (or None: no lease)")
         self.visibility_timeout = visibility_timeout
         self.consumer_timeout_s = consumer_timeout_s
+        self._consume_args: dict[str, Any] | None = None
+        if request_consumer_timeout:
+            self._consume_args = {"x-consumer-timeout": round(consumer_timeout_s * 1000)}
         self.publisher_confirms = publisher_confirms
         self._link = AMQPLink(url, connect_timeout=10.0, reconnect_window=reconnect_window_s)
         args = dict(queue_arguments or {})
@@ -232,7 +238,7 @@ class RabbitMQAdapter:
                     generation=self._link.generation,
                 )
                 with translated(f"consume {queues}"):
-                    await session.start(queues)
+                    await session.start(queues, self._consume_args)
             except BrokerUnavailable:
                 if attempt == 2 or self._closed:
                     raise
@@ -381,8 +387,9 @@ class RabbitMQAdapter:
                     "a delivery from %r has been unacknowledged for %.0fs, %d%% of "
                     "RabbitMQ's consumer_timeout (%.0fs, consumer_timeout_s): the "
                     "broker will then close the channel and redeliver it. Raise "
-                    "consumer_timeout (ms) in rabbitmq.conf, or x-consumer-timeout on "
-                    "the queue (RabbitMQ >= 3.12), and consumer_timeout_s to match.",
+                    "consumer_timeout (ms) in rabbitmq.conf, or with a consumer-timeout "
+                    "policy or request_consumer_timeout=True (RabbitMQ >= 3.12), and "
+                    "consumer_timeout_s to match (see docs/rabbitmq.md).",
                     held.queue,
                     now - held.received_at,
                     _WARN_AT * 100,

@@ -690,3 +690,20 @@ async def test_quorum_queues_as_celery_declares_them(amqp_url: str, pumps: list[
         assert await wait_for_depth(adapter, queue, 0)
     finally:
         await adapter.close()
+
+
+async def test_consumers_can_ask_for_their_own_consumer_timeout(
+    amqp_url: str, rabbitmq_server: RabbitMQServer, pumps: list[Pump]
+) -> None:
+    queue = queue_name("askct")
+    adapter = RabbitMQAdapter(amqp_url, consumer_timeout_s=7200.0, request_consumer_timeout=True)
+    await adapter.connect()
+    try:
+        await adapter.publish(queue, OutgoingMessage(b"x"))
+        pumps.append(pump := Pump(adapter, [queue], 1))
+        (delivery,) = await pump.take(1, 10, "consuming")
+        rows = listing(rabbitmq_server, amqp_url, "consumers", "queue_name", "arguments")
+        assert (queue, '[{"x-consumer-timeout",7200000}]') in rows  # RabbitMQ >= 3.12 applies it
+        await adapter.settle(delivery, Ack())
+    finally:
+        await adapter.close()

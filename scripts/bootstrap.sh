@@ -124,17 +124,18 @@ make_venv() {
     fi
 }
 
-# pip runs only when pyproject.toml (or the interpreter) changed since the last good install.
+# pip runs only when pyproject.toml, the constraints or the interpreter changed since the last
+# good install. The constraints pin known-good versions so the resolver does not backtrack.
 install_package() {
-    local stamp="$VENV/.bootstrap-stamp" want
-    want="$(cat "$ROOT/pyproject.toml" "$VENV/pyvenv.cfg" | sha256sum | cut -d' ' -f1)"
+    local stamp="$VENV/.bootstrap-stamp" want constraints="$ROOT/scripts/constraints.txt"
+    want="$(cat "$ROOT/pyproject.toml" "$constraints" "$VENV/pyvenv.cfg" | sha256sum | cut -d' ' -f1)"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
         && "$VENV/bin/python" -c 'import serve_queue' >/dev/null 2>&1; then
         return 0
     fi
     say "installing serve_queue (editable) with its dev extra into .venv (takes a few minutes)"
     quietly "pip install -e .[dev]" "$VENV/bin/python" -m pip install -q \
-        --disable-pip-version-check -e "$ROOT[dev]"
+        --disable-pip-version-check -c "$constraints" -e "$ROOT[dev]"
     echo "$want" >"$stamp"
 }
 

@@ -358,9 +358,20 @@ class RabbitMQServer:
         """Delete a vhost with everything in it (its connections are closed by the broker)."""
         self.ctl("delete_vhost", vhost)
 
-    def set_consumer_timeout(self, milliseconds: int) -> None:
-        """Change ``consumer_timeout`` at run time (applies to channels opened afterwards)."""
-        self.ctl("eval", f"application:set_env(rabbit, consumer_timeout, {int(milliseconds)}).")
+    def set_consumer_timeout(self, milliseconds: int | None, check_every_ms: int = 500) -> None:
+        """Set the node-wide ``consumer_timeout`` for channels opened afterwards; ``None``
+        restores the defaults. Channels check it every ``check_every_ms`` (the default tick,
+        60 s, is too slow for tests). The node is shared: restore it when the test ends."""
+        if milliseconds is None:
+            erlang = "application:unset_env(rabbit, consumer_timeout), " + (
+                "application:set_env(rabbit, channel_tick_interval, 60000)."
+            )
+        else:
+            erlang = (
+                f"application:set_env(rabbit, consumer_timeout, {int(milliseconds)}), "
+                f"application:set_env(rabbit, channel_tick_interval, {int(check_every_ms)})."
+            )
+        self.ctl("eval", erlang)
 
     def running(self) -> bool:
         return self._server is not None and self._server.alive()

@@ -98,3 +98,26 @@ def test_ray_serve_answers_http(ray_cluster: RayCluster) -> None:
         assert response.text == "pong"
     finally:
         serve.delete("smoke")
+
+
+async def test_rabbitmq_consumer_timeout_hook_closes_a_stuck_channel(
+    amqp_url: str, rabbitmq_server: RabbitMQServer
+) -> None:
+    import asyncio
+
+    import aio_pika
+
+    rabbitmq_server.set_consumer_timeout(1000)
+    try:
+        connection = await aio_pika.connect(amqp_url, timeout=10)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue("stuck")
+            await channel.default_exchange.publish(aio_pika.Message(b"x"), routing_key="stuck")
+            closed = asyncio.get_running_loop().create_future()
+            channel.close_callbacks.add(lambda _channel, exc: closed.set_result(exc))
+            assert await queue.get(timeout=5) is not None  # held, never acked
+            reason = await asyncio.wait_for(closed, timeout=30)
+            assert "PRECONDITION_FAILED" in repr(reason)
+    finally:
+        rabbitmq_server.set_consumer_timeout(None)

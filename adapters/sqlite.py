@@ -377,7 +377,9 @@ class SQLiteResultBackend:
             self._connected = False
             await self._db.stop()
 
-    async def store(self, task_id: str, meta: Mapping[str, Any]) -> None:
+    async def store(
+        self, task_id: str, meta: Mapping[str, Any], *, reply_to: str | None = None
+    ) -> None:
         text = encode_json(dict(meta))
         status = meta.get("status")
         state = status if isinstance(status, str) else None

@@ -101,6 +101,8 @@ class Dispatcher:
         self.hostname = hostname
         self.origin = f"gen{os.getpid()}@{hostname.rpartition('@')[2]}"
         self.stats = Stats()
+        #: results are off: skip building metas that would only be thrown away
+        self._discard = isinstance(backend, results.NullResultBackend)
 
     async def handle(self, delivery: Delivery) -> None:
         """Process one delivery and settle it (unless early ack already did)."""
@@ -121,17 +123,18 @@ class Dispatcher:
                 message, results.not_registered_meta(message.id, message.name)
             )
             return self._dead_letter(delivery, "unknown-task", exc, message)
-        now = datetime.now(timezone.utc)
-        if message.expires is not None and message.expires <= now:
-            self.stats.expired += 1
-            await self._store_quietly(message, results.revoked_meta(message.id, "expired"))
-            return Ack()
-        if message.eta is not None and message.eta > now:
-            wait = (message.eta - now).total_seconds()
-            if wait > self.config.max_hold_s:
-                self.stats.delayed += 1
-                return Requeue(delay_s=wait)
-            await asyncio.sleep(wait)
+        if message.expires is not None or message.eta is not None:
+            now = datetime.now(timezone.utc)
+            if message.expires is not None and message.expires <= now:
+                self.stats.expired += 1
+                await self._store_quietly(message, results.revoked_meta(message.id, "expired"))
+                return Ack()
+            if message.eta is not None and message.eta > now:
+                wait = (message.eta - now).total_seconds()
+                if wait > self.config.max_hold_s:
+                    self.stats.delayed += 1
+                    return Requeue(delay_s=wait)
+                await asyncio.sleep(wait)
         try:
             args, kwargs = handler.validate(message.args, message.kwargs)
         except InvalidArguments as exc:
@@ -151,11 +154,11 @@ class Dispatcher:
         early = (handler.options.acks or self.config.acks) == "early"
         if early:
             await self._settle(delivery, Ack())
-        ignore = message.ignore_result or handler.options.ignore_result
+        ignore = message.ignore_result or handler.options.ignore_result or self._discard
         try:
             if self.config.track_started and not ignore:
                 meta = results.started_meta(message.id, hostname=self.hostname, pid=os.getpid())
-                await self.backend.store(message.id, meta)
+                await self.backend.store(message.id, meta, reply_to=_reply_to(message))
             outcome = await self._call(delivery, message, handler, args, kwargs, ignore)
         except ResultBackendError as exc:
             log.error("task %s: could not store its result, requeued: %s", message.id, exc)
@@ -192,9 +195,14 @@ class Dispatcher:
             return await self._failed(delivery, message, handler, exc, ignore, timeout=True)
         except Exception as exc:
             return await self._failed(delivery, message, handler, exc, ignore, timeout=False)
-        children = await self._send_followups(delivery, message, value)
-        meta = results.success_meta(message.id, value, children=children, **_links(message))
-        await self._store(message, meta, ignore)
+        children = (
+            await self._send_followups(delivery, message, value)
+            if message.callbacks or message.chain
+            else []
+        )
+        if not ignore:
+            meta = results.success_meta(message.id, value, children=children, **_links(message))
+            await self.backend.store(message.id, meta, reply_to=_reply_to(message))
         self.stats.succeeded += 1
         return Ack()
 
@@ -284,14 +292,14 @@ class Dispatcher:
 
     async def _store(self, message: TaskMessage, meta: Mapping[str, Any], ignore: bool) -> None:
         if not ignore:
-            await self.backend.store(message.id, meta)
+            await self.backend.store(message.id, meta, reply_to=_reply_to(message))
 
     async def _store_quietly(self, message: TaskMessage, meta: Mapping[str, Any]) -> None:
         """Store a meta for a message that is being discarded; a failure only logs."""
         if message.ignore_result:
             return
         try:
-            await self.backend.store(message.id, meta)
+            await self.backend.store(message.id, meta, reply_to=_reply_to(message))
         except ServeQueueError as exc:
             log.warning("task %s: could not store %s: %s", message.id, meta.get("status"), exc)
 
@@ -317,6 +325,11 @@ class Dispatcher:
         )
         log.warning("dead-lettering %s: %s: %s", who, kind, exc)
         return DeadLetter(reason=f"{kind}: {exc}")
+
+
+def _reply_to(message: TaskMessage) -> str | None:
+    """Where an ``rpc://`` backend sends this task's states (the caller's queue)."""
+    return message.properties.get("reply_to") or None
 
 
 def _links(message: TaskMessage) -> dict[str, Any]:

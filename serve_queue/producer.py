@@ -83,6 +83,12 @@ class Producer:
         self.serializer = serializer
         self.retry_policy = retry_policy or RetryPolicy()
         self.origin = f"gen{os.getpid()}@{socket.gethostname()}"
+        reply_to = getattr(backend, "reply_to", None)
+        #: where rpc:// results come back: this producer's own reply queue (else Celery's none)
+        self._reply_to = reply_to if isinstance(reply_to, str) else None
+        #: what a send with no options uses (SendOptions is immutable: one serves every call)
+        self._defaults = SendOptions(serializer=serializer, reply_to=self._reply_to)
+        self._delays = self.retry_policy.delays()
         self._connected = False
         self._lock = asyncio.Lock()
 
@@ -121,13 +127,35 @@ class Producer:
         ``ignore_result``, ``time_limit``, ``soft_time_limit``, ``link`` (signature dicts run
         on success), ``link_error``, ``shadow``.
         """
+        if options or countdown or eta or expires is not None or priority or headers:
+            send = self._options(countdown, eta, expires, priority, headers, options)
+        else:  # the common call: nothing but name and arguments
+            send = self._defaults
+        message = protocol.encode_task(
+            name, list(args or ()), dict(kwargs or {}), send, origin=self.origin
+        )
+        if not self._connected:
+            await self.connect()
+        await self._publish(queue or self.default_queue, message)
+        return AsyncResult(str(message.headers["id"]), self.backend)
+
+    def _options(
+        self,
+        countdown: float | None,
+        eta: datetime | None,
+        expires: float | datetime | None,
+        priority: int | None,
+        headers: Mapping[str, Any] | None,
+        options: dict[str, Any],
+    ) -> SendOptions:
         link = options.pop("link", None)
         link_error = options.pop("link_error", None)
         unknown = set(options) - _OPTION_NAMES
         if unknown:
             raise ConfigurationError(f"unknown send_task option(s): {', '.join(sorted(unknown))}")
         options.setdefault("serializer", self.serializer)
-        send = SendOptions(
+        options.setdefault("reply_to", self._reply_to)
+        return SendOptions(
             countdown=countdown,
             eta=eta,
             expires=expires,
@@ -137,20 +165,13 @@ class Producer:
             errbacks=_signatures(link_error),
             **options,
         )
-        message = protocol.encode_task(
-            name, list(args or ()), dict(kwargs or {}), send, origin=self.origin
-        )
-        if not self._connected:
-            await self.connect()
-        await self._publish(queue or self.default_queue, message)
-        return AsyncResult(str(message.headers["id"]), self.backend)
 
     def result(self, task_id: str) -> AsyncResult:
         """A handle on a task sent earlier (by us, Celery, or anyone)."""
         return AsyncResult(task_id, self.backend)
 
     async def _publish(self, queue: str, message: Any) -> None:
-        delays = self.retry_policy.delays()
+        delays = self._delays
         for attempt in range(len(delays) + 1):
             try:
                 await self.adapter.publish(queue, message)

@@ -102,7 +102,18 @@ class TaskQueue:
         """A new, unconnected result backend (a null one when results are off)."""
         if self._shared_results is not None:
             return self._shared_results
+        if self.results_url is not None and self.results_url.scheme == "rpc":
+            return self._rpc_results()
         return results_mod.open_result_backend(self.results_url, **self.result_options)
+
+    def _rpc_results(self) -> ResultBackend:
+        """Celery's ``rpc://`` backend: results travel as AMQP messages over the broker's own
+        connection settings to the caller's reply queue (``rpc://`` names no server)."""
+        if self.broker_url.scheme not in ("amqp", "amqps", "pyamqp"):
+            raise ConfigurationError(f"rpc:// results need an AMQP broker, not {self.broker_url}")
+        from serve_queue.adapters.rabbitmq import RPCResultBackend
+
+        return RPCResultBackend(self.broker_url, **self.result_options)
 
     def producer(self) -> Producer:
         """This event loop's producer, created on first use."""

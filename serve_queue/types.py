@@ -162,7 +162,9 @@ class ResultBackend(Protocol):
     """Where task states and results live, as Celery's task meta dicts.
 
     ``meta`` is the decoded Celery meta: ``{"status", "result", "traceback", "children",
-    "date_done", "task_id", ...}``. ``store`` never overwrites a stored ``SUCCESS``.
+    "date_done", "task_id", ...}``. ``store`` never overwrites a stored ``SUCCESS``;
+    ``reply_to`` is the task message's property, needed by Celery's ``rpc://`` backend, which
+    sends results to the caller's own queue (key-value backends ignore it).
     ``get`` returns ``None`` for an unknown id (Celery's PENDING). ``wait`` returns the meta
     once the task is ready (SUCCESS, FAILURE, REVOKED) or raises ``TaskTimeout``.
     """
@@ -171,7 +173,9 @@ class ResultBackend(Protocol):
 
     async def close(self) -> None: ...
 
-    async def store(self, task_id: str, meta: Mapping[str, Any]) -> None: ...
+    async def store(
+        self, task_id: str, meta: Mapping[str, Any], *, reply_to: str | None = None
+    ) -> None: ...
 
     async def get(self, task_id: str) -> dict[str, Any] | None: ...
 

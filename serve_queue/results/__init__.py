@@ -87,7 +87,8 @@ RESULT_SCHEMES: dict[str, tuple[str, str, str | None] | None] = {
     "rediss": ("serve_queue.results.redis", "RedisResultBackend", "redis"),
     "sqlite": ("serve_queue.adapters.sqlite", "SQLiteResultBackend", None),
     "memory": ("serve_queue.results.local", "MemoryResultBackend", None),
-    # TODO(rabbitmq): rpc:// (results as AMQP messages to the client's reply_to queue, §6.3)
+    # rpc:// names no server: it rides on the AMQP broker's connection, so
+    # TaskQueue.open_results builds it from the broker URL (RPCResultBackend)
     "rpc": None,
 }
 
@@ -99,8 +100,8 @@ def _backend_class(scheme: str) -> type[Any]:
     entry = RESULT_SCHEMES[scheme]
     if entry is None:
         raise ConfigurationError(
-            f"{scheme}:// result backend requires the RabbitMQ result support, which is not "
-            "available yet; use redis:// or sqlite:// for results"
+            f"{scheme}:// results travel over the AMQP broker's connection: use "
+            f"TaskQueue('amqp://...', results='rpc://'), or RPCResultBackend(amqp_url)"
         )
     module_name, class_name, extra = entry
     try:

@@ -33,7 +33,9 @@ class MemoryResultBackend:
     async def close(self) -> None:
         return None
 
-    async def store(self, task_id: str, meta: Mapping[str, Any]) -> None:
+    async def store(
+        self, task_id: str, meta: Mapping[str, Any], *, reply_to: str | None = None
+    ) -> None:
         payload = encode_meta(task_id, meta)
         current = self._payloads.get(task_id)
         if current is not None and decode_meta(current).get("status") == SUCCESS:
@@ -83,7 +85,9 @@ class NullResultBackend:
     async def close(self) -> None:
         return None
 
-    async def store(self, task_id: str, meta: Mapping[str, Any]) -> None:
+    async def store(
+        self, task_id: str, meta: Mapping[str, Any], *, reply_to: str | None = None
+    ) -> None:
         return None
 
     async def get(self, task_id: str) -> dict[str, Any] | None:

@@ -143,7 +143,9 @@ class RedisResultBackend:
             await listener.close()
         await client.aclose()
 
-    async def store(self, task_id: str, meta: Mapping[str, Any]) -> None:
+    async def store(
+        self, task_id: str, meta: Mapping[str, Any], *, reply_to: str | None = None
+    ) -> None:
         self._require()
         written = await self._stores.submit((self.key(task_id), encode_meta(task_id, meta)))
         if not written:

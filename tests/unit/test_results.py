@@ -388,7 +388,7 @@ def test_open_sqlite(tmp_path: Path) -> None:
 def test_open_unknown_and_rpc() -> None:
     with pytest.raises(ConfigurationError, match="unknown result backend scheme 'mongodb'"):
         results.open_result_backend("mongodb://h/")
-    with pytest.raises(ConfigurationError, match=r"rpc:// result backend requires"):
+    with pytest.raises(ConfigurationError, match=r"rpc:// results travel over the AMQP broker"):
         results.open_result_backend("rpc://")
 
 

@@ -17,13 +17,13 @@ from serve_queue.types import BrokerAdapter
 __all__ = ["SCHEMES", "open_adapter"]
 
 #: scheme -> (module under serve_queue.adapters, class name, pip extra that provides the client)
+#: (sqs:// and a generic kombu adapter are designed but not written yet)
 SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "redis": ("redis", "RedisAdapter", "redis"),
     "rediss": ("redis", "RedisAdapter", "redis"),
     "amqp": ("rabbitmq", "RabbitMQAdapter", "rabbitmq"),
     "amqps": ("rabbitmq", "RabbitMQAdapter", "rabbitmq"),
     "pyamqp": ("rabbitmq", "RabbitMQAdapter", "rabbitmq"),
-    "sqs": ("sqs", "SQSAdapter", "sqs"),
     "sqlite": ("sqlite", "SQLiteAdapter", None),
     "memory": ("memory", "MemoryAdapter", None),
 }

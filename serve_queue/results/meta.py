@@ -14,6 +14,7 @@ kinds are written under the names Celery uses for them (``NotRegistered``, ``Rej
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback as tb_module
 from collections.abc import Callable, Mapping, Sequence
@@ -55,9 +56,18 @@ __all__ = [
 
 log = logging.getLogger("serve_queue.results")
 
-#: kombu's JSON (``__type__`` markers for datetime, Decimal, UUID, bytes), typed
-dumps: Callable[[Any], str] = kombu_json.dumps
+_kombu_dumps: Callable[[Any], str] = kombu_json.dumps
 loads: Callable[[str | bytes], Any] = kombu_json.loads
+
+
+def dumps(value: Any) -> str:
+    """kombu's JSON (``__type__`` markers for datetime, Decimal, UUID, bytes). A value of plain
+    JSON types comes out byte-identical from the stdlib's C encoder, which is tried first: it
+    refuses (TypeError) exactly the values kombu's encoder would have to mark."""
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return _kombu_dumps(value)
 
 PENDING = "PENDING"
 STARTED = "STARTED"

@@ -51,8 +51,22 @@ def main() -> None:
     parser.add_argument("--sync", action="store_true", help="plain def handlers (thread pool)")
     parser.add_argument("--ready-file", required=True)
     parser.add_argument("--latency-file", default="")
+    parser.add_argument(
+        "--loop",
+        choices=["auto", "asyncio", "uvloop"],
+        default="auto",
+        help="event loop: auto = uvloop when installed, as in a Ray Serve replica",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if args.loop == "uvloop":
+                raise
+        else:
+            uvloop.install()
     asyncio.run(serve(args))
 
 

@@ -72,7 +72,7 @@ def table(session: dict[str, Any]) -> str:
                 lines.append(f"{name:<13} {side['label']:<36} not measured: {why}")
                 continue
             spread = f"{_fmt(summ['min'], sc['unit'])}-{_fmt(summ['max'], sc['unit'])}"
-            r = ratio(sc, side) if i else None
+            r = None if side["ours"] else ratio(sc, side)
             loads = [run["load"] for run in side["runs"] if "load" in run]
             load = f"{statistics.median(loads):.1f}" if loads else "-"
             lines.append(f"{name:<13} {side['label']:<36} {_fmt(summ['median'], sc['unit']):>10} "

@@ -7,6 +7,7 @@ the scenario's headline figure (tasks/s, msg/s, latency in ms or RSS in MiB) plu
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -110,9 +111,12 @@ def drain_side(label: str, argv: list[str], task: str, results: bool, count_of: 
     return run
 
 
-def ours_argv(url: str, results: str = "", concurrency: int = 100) -> list[str]:
+def ours_argv(url: str, results: str = "", concurrency: int = 100, loop: str = "") -> list[str]:
+    """Our consumer process; its event loop is uvloop when installed (as in a Ray Serve
+    replica, where Ray installs it), unless ``loop`` (or ``$BENCH_LOOP``) says otherwise."""
     argv = python_argv("benchmarks.ours_worker", "--broker", url, "--ready-file", "{ready}")
     argv += ["--latency-file", "{latency}", "--concurrency", str(concurrency)]
+    argv += ["--loop", loop or os.environ.get("BENCH_LOOP", "auto")]
     return [*argv, "--results", results] if results else argv
 
 
@@ -136,6 +140,18 @@ def noop_scenario(bench: Bench, results: bool) -> Scenario:
                 "serve_queue",
                 drain_side("serve_queue", ours_argv(broker, res), "bench.noop", results, "drain"),
                 ours=True,
+            ),
+            Side(
+                "serve_queue (stdlib asyncio loop)",
+                drain_side(
+                    "serve_queue (stdlib asyncio loop)",
+                    ours_argv(broker, res, loop="asyncio"),
+                    "bench.noop",
+                    results,
+                    "drain",
+                ),
+                ours=True,
+                quick=False,
             ),
             celery("threads", 10, True),
             celery("solo", None, False),

@@ -9,6 +9,7 @@ on first use, and stopped by ``close()``.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -81,6 +82,7 @@ class ServeBench:
         except Exception as exc:
             raise RunFailed(f"Ray did not start: {str(exc)[:400]}") from None
         self.cluster = cluster
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no per-deploy chatter
 
     def close(self) -> None:
         if self.cluster is not None:

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -89,6 +90,25 @@ def _one_run(side: scenarios.Side, bench: Bench, size: scenarios.Size, i: int) -
     return {"ok": True, "repeat": i, "load": load, "at": started, **result}
 
 
+def _source_state() -> dict[str, Any]:
+    """The commit measured, and which engine files differed from it (uncommitted work)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*argv: str) -> str:
+        try:
+            done = subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True,
+                                  timeout=10, check=False)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout.strip()
+
+    dirty = [
+        line.strip()
+        for line in git("status", "--short", "--", "serve_queue", "adapters").splitlines()
+    ]
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted": dirty}
+
+
 def _meta(args: argparse.Namespace, size: scenarios.Size, repeats: int) -> dict[str, Any]:
     versions = {}
     for dist in ("serve-queue", "celery", "kombu", "redis", "ray"):
@@ -101,7 +121,7 @@ def _meta(args: argparse.Namespace, size: scenarios.Size, repeats: int) -> dict[
             "broker": args.broker, "python": platform.python_version(),
             "cpus": os.cpu_count(), "machine": platform.platform(), "versions": versions,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "load_start": load_average()}  # fmt: skip
+            "load_start": load_average(), "source": _source_state()}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{session['meta']['command']}  (load average {session['meta']['load_start']:.2f} "
         f"at start, {session['meta']['load_end']:.2f} at end, {session['meta']['cpus']} CPUs)"
     )
+    source = session["meta"]["source"]
+    if source["uncommitted"]:
+        dirty = ", ".join(source["uncommitted"])
+        print(f"measured at {source['commit']} plus uncommitted changes: {dirty}")
     print(report.table(session))
     written = report.plots(session, args.out)
     print(

@@ -146,6 +146,7 @@ class RedisAdapter:
         self._store: InflightStore | None = None
         self._blocking: Redis | None = None
         self._inflight: dict[bytes, Token] = {}
+        self._settling = 0  # settled by the caller, not yet flushed to Redis
         self._room = asyncio.Event()
         self._fetch_lock = asyncio.Lock()
         self._closing = False
@@ -238,7 +239,7 @@ class RedisAdapter:
                 if pending:
                     yield pending.popleft()
                     continue
-                room = prefetch - len(self._inflight)
+                room = prefetch - len(self._inflight) - self._settling
                 if room <= 0:
                     self._room.clear()
                     await self._room.wait()
@@ -327,8 +328,14 @@ class RedisAdapter:
             return  # already settled, or handed back by close()
         op = self._settle_op(token, outcome)
         del self._inflight[token.tag]
-        self._room.set()
-        await self._batcher.submit(op)
+        # Still in unacked until the batch is flushed: it counts against the prefetch until
+        # then, or a fetch would move a whole new batch in while the acks are on their way.
+        self._settling += 1
+        try:
+            await self._batcher.submit(op)
+        finally:
+            self._settling -= 1
+            self._room.set()
 
     async def extend(self, delivery: Delivery, seconds: float) -> None:
         """Renew the lease: the record expires ``seconds`` from now (score = now + seconds -

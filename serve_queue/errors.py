@@ -139,7 +139,7 @@ class TaskRevoked(TaskFailed):
     """The task was revoked or had expired before it could run."""
 
 
-class Retry(Exception):  # noqa: N818 - control flow, named for what the handler asks for
+class Retry(Exception):
     """Raised by a handler: run this task again after ``delay_s`` seconds.
 
     The message is re-published the way Celery does it (same id, ``retries + 1``, an ``eta``),
@@ -153,7 +153,7 @@ class Retry(Exception):  # noqa: N818 - control flow, named for what the handler
         self.exc = exc
 
 
-class Reject(Exception):  # noqa: N818 - control flow
+class Reject(Exception):
     """Raised by a handler: dead-letter this message with ``reason`` and store FAILURE."""
 
     def __init__(self, reason: str) -> None:

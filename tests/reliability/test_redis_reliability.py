@@ -198,3 +198,29 @@ async def test_garbage_is_dead_lettered_and_valid_work_goes_on(urls: tuple[str, 
     assert (await queue.depth("fuzz")).total == 0
     await queue.close()
     await raw.aclose()
+
+
+async def test_cli_worker_drains_on_sigterm(
+    urls: tuple[str, str, str], worker_process: StartWorker
+) -> None:
+    """SIGTERM stops fetching, lets the running task finish, hands the rest back, exits 0."""
+    broker, results, marks_url = urls
+    marks = aioredis.Redis.from_url(marks_url)
+    await marks.set("rel:sleep", 1.5)
+    proc = worker_process(broker, results, marks_url, "--concurrency", "1", "--drain-timeout", "20")
+    queue = TaskQueue(broker, results=results)
+    running = await queue.send_task("rel.work", args=[1])
+    waiting = [await queue.send_task("rel.work", args=[n]) for n in (2, 3)]
+
+    async def started() -> bool:
+        return bool(await marks.hget("rel:started", "1"))
+
+    await wait_for(started, 30, "the first task to start")
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 30) == 0
+    assert await running.get(timeout=1) == 1  # finished during the drain
+    assert [await r.state() for r in waiting] == ["PENDING", "PENDING"]
+    depth = await queue.depth()
+    assert (depth.ready, depth.reserved) == (2, 0)  # handed back at once, not leased
+    await queue.close()
+    await marks.aclose()

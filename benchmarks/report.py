@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -167,14 +168,39 @@ def _throughput(session: dict[str, Any], path: Path) -> bool:
         for y, (m, s) in enumerate(zip(med, sides[::-1], strict=True)):
             r = "" if s["ours"] else f"  (ours is {ratio(sc, s) or 0:.1f}x)"
             ax.text(m, y, f" {m:,.0f}{r}", va="center", fontsize=8)
-        ax.set_title(f"{sc['name']}: {sc['title']}", fontsize=9, loc="left")
+        _target_lines(ax, sc)
+        title = textwrap.fill(f"{sc['name']}: {sc['title']}", 110)
+        ax.set_title(title, fontsize=8.5, loc="left")
         ax.set_xlabel(sc["unit"] + " (median of interleaved runs, whiskers: min-max)", fontsize=8)
-        ax.set_xlim(0, max(med) * 1.35)
+        limit = max(
+            [
+                *med,
+                *(
+                    s["summary"]["median"] * t["bound"]
+                    for t in sc["targets"]
+                    for s in sides
+                    if t["kind"] == "ratio" and s["label"] == t["key"]
+                ),
+            ]
+        )
+        ax.set_xlim(0, limit * 1.3)
         ax.tick_params(labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _target_lines(ax: Any, sc: dict[str, Any]) -> None:
+    """A dashed line where ours must reach for each ratio target against a measured peer."""
+    for target in sc["targets"]:
+        peer = next((s for s in sc["sides"] if s["label"] == target["key"]), None)
+        if target["kind"] != "ratio" or peer is None or not peer["summary"]["n"]:
+            continue
+        x = peer["summary"]["median"] * target["bound"]
+        ax.axvline(x, ls="--", color="#1b9e77", lw=1)
+        ax.text(x, 0.04, f" {target['bound']:g}x {peer['label']} (target)", fontsize=7,
+                color="#1b9e77", va="bottom", transform=ax.get_xaxis_transform())  # fmt: skip
 
 
 def _latency(session: dict[str, Any], path: Path) -> bool:

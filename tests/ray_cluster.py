@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
+import psutil
+
 from tests.servers import LOOPBACK, ServerUnavailable, free_port, log_tail
 
 
@@ -33,7 +35,7 @@ class RayCluster:
         self.http_port = free_port()
         self.temp_dir = Path(tempfile.mkdtemp(prefix="sqray-", dir="/tmp"))
         self.address = ""
-        self._ray_pids: set[int] = set()
+        self._roots: list[psutil.Process] = []
 
     @property
     def http_url(self) -> str:
@@ -49,7 +51,7 @@ class RayCluster:
             from ray import serve
         except ImportError as exc:
             raise ServerUnavailable(f"ray[serve] is not installed: {exc}") from exc
-        before = _descendants()
+        before = {process.pid for process in _descendants()}
         try:
             context = ray.init(
                 address="local",
@@ -62,10 +64,11 @@ class RayCluster:
             self.address = context.address_info["gcs_address"]
             serve.start(http_options={"host": LOOPBACK, "port": self.http_port})
         except Exception as exc:
-            self._ray_pids = _descendants() - before
+            self._roots = [p for p in _descendants() if p.pid not in before]
+            tails = self._log_tails()
             self.stop()
-            raise ServerUnavailable(f"Ray did not start: {exc!r}\n{self._log_tails()}") from exc
-        self._ray_pids = _descendants() - before
+            raise ServerUnavailable(f"Ray did not start: {exc!r}\n{tails}") from exc
+        self._roots = [p for p in _descendants() if p.pid not in before]
 
     def _log_tails(self) -> str:
         logs = sorted(self.log_dir.glob("*.err")) + sorted(self.log_dir.glob("*.out"))
@@ -73,6 +76,7 @@ class RayCluster:
 
     def stop(self) -> None:
         """Shut Serve and Ray down, kill any Ray process still alive, remove the temp dir."""
+        ray_processes = _with_descendants(self._roots)  # workers and agents started since
         if "ray" in sys.modules:  # start() got as far as importing it
             import ray
             from ray import serve
@@ -86,24 +90,25 @@ class RayCluster:
                 warnings.simplefilter("ignore", ResourceWarning)
                 ray.shutdown()  # also stops the processes of a half-started node
                 gc.collect()
-        _reap(self._ray_pids, grace=10.0)
+        _reap(ray_processes, grace=10.0)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def _descendants() -> set[int]:
-    import psutil
-
-    return {child.pid for child in psutil.Process().children(recursive=True)}
+def _descendants() -> list[psutil.Process]:
+    return psutil.Process().children(recursive=True)
 
 
-def _reap(pids: set[int], grace: float) -> None:
-    """Wait up to ``grace`` for ``pids`` to exit, then SIGKILL the survivors."""
-    import psutil
-
-    processes = []
-    for pid in pids:
+def _with_descendants(roots: list[psutil.Process]) -> list[psutil.Process]:
+    """``roots`` that still run, with all their descendants (psutil guards against pid reuse)."""
+    found = []
+    for root in roots:
         with contextlib.suppress(psutil.Error):
-            processes.append(psutil.Process(pid))
+            found += [root, *root.children(recursive=True)]
+    return found
+
+
+def _reap(processes: list[psutil.Process], grace: float) -> None:
+    """Wait up to ``grace`` for ``processes`` to exit, then SIGKILL the survivors."""
     _, alive = psutil.wait_procs(processes, timeout=grace)
     for process in alive:
         with contextlib.suppress(psutil.Error):

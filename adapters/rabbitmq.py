@@ -261,6 +261,9 @@ class RabbitMQAdapter:
             queue=queue,
             redelivered=bool(message.redelivered),
             token=_Token(session, tag),
+            # AMQP has no envelope to break; its unusable message is one without a content
+            # type (a Celery worker crashes on it): flag it so it is dead-lettered as it is
+            envelope_error=None if props.content_type else "AMQP message has no content_type",
         )
 
     # -- settling --------------------------------------------------------------------------

@@ -55,6 +55,17 @@ class TestRabbitMQContract(AdapterContract):
         return [(body, str(headers.get("x-dead-letter-reason"))) for body, headers, _ in
                 await browse(self.url, f"{queue}.dlq")]  # fmt: skip
 
+    async def push_raw(self, queue: str, raw: bytes) -> None:
+        """AMQP's unwrappable message: one without a content type (Celery's worker dies on it)."""
+        connection = await aio_pika.connect(self.url)
+        try:
+            channel = await connection.channel()
+            await channel.declare_queue(queue, durable=True)  # as Celery and the adapter do
+            underlay = await channel.get_underlay_channel()
+            await underlay.basic_publish(raw, routing_key=queue, properties=Basic.Properties())
+        finally:
+            await connection.close()
+
 
 # -- fixtures and helpers ---------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Quick start: send tasks and run a worker on Redis, in one script.
 
-    REDIS_URL=redis://127.0.0.1:6379 python examples/quickstart.py
+REDIS_URL=redis://127.0.0.1:6379 python examples/quickstart.py
 """
 
 import asyncio

@@ -65,15 +65,24 @@ def run_session(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
                     out["skipped"] = "left out of --quick runs (run without --quick)"
                     continue
                 out["runs"].append(_one_run(side, bench, size, i))
+                _save(session, args.out)  # a session cut short still leaves its runs
         finally:
             progress.close()
             serve_bench.close()
+    session["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    _save(session, args.out)
+    return session
+
+
+def _save(session: dict[str, Any], out: Path) -> None:
     for rec in session["scenarios"]:
         for side in rec["sides"]:
             side["summary"] = report.summarise(side)
     session["meta"]["load_end"] = load_average()
-    session["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    return session
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(session, indent=1))
+    tmp.replace(out / "results.json")
 
 
 def _one_run(side: scenarios.Side, bench: Bench, size: scenarios.Size, i: int) -> dict[str, Any]:
@@ -141,8 +150,6 @@ def main(argv: list[str] | None = None) -> int:
               "peers are Redis-specific); nothing was measured.", file=sys.stderr)  # fmt: skip
         return 2
     session = run_session(args, names)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(session, indent=1))
     print()
     print(
         f"{session['meta']['command']}  (load average {session['meta']['load_start']:.2f} "

@@ -9,8 +9,13 @@ on first use, and stopped by ``close()``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
+import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -62,51 +67,86 @@ def ray_app(broker: str, results: str) -> Any:
 
 
 class ServeBench:
-    """The Ray cluster of the serve scenario, started on first use."""
+    """A Ray Serve driver in a process of its own (``python -m benchmarks.serve_bench``),
+    started on first use: if Ray dies (a raylet killed from outside takes its driver down
+    with it), only that run fails, and the next run starts a fresh cluster."""
 
     def __init__(self) -> None:
-        self.cluster: Any = None
+        self.proc: subprocess.Popen[str] | None = None
+        self.log: Any = None
 
-    def ensure_started(self) -> None:
-        if self.cluster is not None:
+    def _ensure(self, bench: Bench) -> None:
+        if self.proc is not None and self.proc.poll() is None:
             return
-        from tests.ray_cluster import RayCluster
+        self.close()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+        self.log = (bench.workdir / "serve-driver.log").open("a")
+        argv = [sys.executable, "-m", "benchmarks.serve_bench", bench.url(BROKER_DB),
+                bench.url(RESULTS_DB)]  # fmt: skip
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, text=True, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log,
+                                     start_new_session=True)  # fmt: skip
+        self._reply(180.0, "starting Ray")
 
-        os.environ.update(RayCluster.environment)
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
-        )
-        cluster = RayCluster(num_cpus=4)
+    def _reply(self, timeout: float, doing: str) -> None:
+        proc = self.proc
+        assert proc is not None and proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+            if not ready:
+                break
+            line = proc.stdout.readline()
+            if not line:
+                raise RunFailed(f"the Ray Serve driver exited while {doing} (see its log)")
+            if line.startswith("@@ ok"):
+                return
+            if line.startswith("@@ error"):
+                raise RunFailed(f"{doing}: {line[9:].strip()}")
+        self.close()
+        raise RunFailed(f"the Ray Serve driver did not answer within {timeout:.0f}s ({doing})")
+
+    def _call(self, command: str, timeout: float) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
         try:
-            cluster.start()
-        except Exception as exc:
-            raise RunFailed(f"Ray did not start: {str(exc)[:400]}") from None
-        self.cluster = cluster
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no per-deploy chatter
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            raise RunFailed(f"the Ray Serve driver is gone ({command})") from None
+        self._reply(timeout, command)
 
     def close(self) -> None:
-        if self.cluster is not None:
-            self.cluster.stop()
-            self.cluster = None
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            with contextlib.suppress(OSError, ValueError):
+                assert proc.stdin is not None
+                proc.stdin.write("quit\n")
+                proc.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=60)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # Ray's own processes included
+            proc.wait()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
-    def side(self, label: str, build: Any) -> Side:
+    def side(self, label: str, app: str) -> Side:
         def run(bench: Bench, size: Size) -> dict[str, Any]:
-            from ray import serve
-
-            self.ensure_started()
+            self._ensure(bench)
             count = size.serve
             bench.flush()
             bench.fill(backlog("bench.noop", count))
-            app = build(bench.url(BROKER_DB), bench.url(RESULTS_DB))
-            serve.run(app, name="bench", route_prefix=None)
+            self._call(f"deploy {app}", 180.0)
             try:
                 _wait_blocked(bench)
                 elapsed = bench.drain(count, results=True, timeout=timeout_for(count, 50))
             finally:
-                serve.delete("bench")
+                self._call("delete", 120.0)
             return {"value": count / elapsed, "elapsed_s": elapsed, "count": count}
 
-        return Side(label, run, ours=label == "serve_queue")
+        return Side(label, run, ours=app == "ours")
 
 
 def _wait_blocked(bench: Bench, timeout: float = 90.0) -> None:
@@ -128,9 +168,48 @@ def serve_scenario(serve_bench: ServeBench) -> Scenario:
         "tasks/s",
         True,
         [
-            serve_bench.side("serve_queue", ours_app),
-            serve_bench.side("ray task_consumer (celery adapter)", ray_app),
+            serve_bench.side("serve_queue", "ours"),
+            serve_bench.side("ray task_consumer (celery adapter)", "ray"),
         ],
         [Target("ratio", "ray task_consumer (celery adapter)", 10.0, ">= 10x Ray's task consumer")],
         note=f"Ray's consumer: Celery threads, max_ongoing_requests={RAY_CONCURRENCY}",
     )
+
+
+def driver(broker: str, results: str) -> None:
+    """The driver process: start a local Ray cluster with Serve, then follow commands on
+    stdin (``deploy ours|ray``, ``delete``, ``quit``), answering ``@@ ok`` or ``@@ error``."""
+    from ray import serve
+
+    from tests.ray_cluster import RayCluster
+
+    os.environ.update(RayCluster.environment)
+    cluster = RayCluster(num_cpus=4)
+    try:
+        cluster.start()
+    except Exception as exc:
+        print(f"@@ error Ray did not start: {str(exc)[:300]!r}", flush=True)
+        return
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no per-deploy chatter
+    apps = {"ours": ours_app, "ray": ray_app}
+    print("@@ ok", flush=True)
+    try:
+        for line in sys.stdin:
+            command = line.split()
+            try:
+                if command[:1] == ["deploy"]:
+                    serve.run(apps[command[1]](broker, results), name="bench", route_prefix=None)
+                elif command[:1] == ["delete"]:
+                    serve.delete("bench")
+                else:
+                    break
+            except Exception as exc:
+                print(f"@@ error {exc!r}"[:400], flush=True)
+            else:
+                print("@@ ok", flush=True)
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    driver(sys.argv[1], sys.argv[2])

@@ -8,10 +8,11 @@ a failure: CI must never go green by skipping the real-broker tests.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
+from tests.adapters.contract import Pump
 from tests.ray_cluster import RayCluster
 from tests.servers import RabbitMQServer, RedisServer, ServerUnavailable, SQSServer
 
@@ -119,3 +120,12 @@ def ray_cluster() -> Iterator[RayCluster]:
             yield cluster
         finally:
             cluster.stop()
+
+
+@pytest.fixture
+async def pumps() -> AsyncIterator[list[Pump]]:
+    """Consumers a test starts (``Pump`` from the contract suite), stopped when it ends."""
+    made: list[Pump] = []
+    yield made
+    for pump in made:
+        await pump.stop()

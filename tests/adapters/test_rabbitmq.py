@@ -99,13 +99,6 @@ async def adapter(amqp_url: str) -> AsyncIterator[RabbitMQAdapter]:
     await broker.close()
 
 
-@pytest.fixture
-async def pumps() -> AsyncIterator[list[Pump]]:
-    made: list[Pump] = []
-    yield made
-    for pump in made:
-        await pump.stop()
-
 
 def pyamqp_channel(url: str) -> tuple[amqp.Connection, Any]:
     """A py-amqp (Celery's client) connection and channel on the vhost of ``url``."""

@@ -111,13 +111,6 @@ async def adapter(redis_url: str) -> AsyncIterator[RedisAdapter]:
     await broker.close()
 
 
-@pytest.fixture
-async def pumps() -> AsyncIterator[list[Pump]]:
-    started: list[Pump] = []
-    yield started
-    for pump in started:
-        await pump.stop()
-
 
 def pump(started: list[Pump], adapter: RedisAdapter, queue: str, prefetch: int = 100) -> Pump:
     started.append(Pump(adapter, [queue], prefetch))

@@ -43,13 +43,6 @@ async def rpc(amqp_url: str) -> AsyncIterator[RPCResultBackend]:
     await backend.close()
 
 
-@pytest.fixture
-async def pumps() -> AsyncIterator[list[Pump]]:
-    made: list[Pump] = []
-    yield made
-    for pump in made:
-        await pump.stop()
-
 
 @pytest.fixture
 def celery_thread() -> Any:

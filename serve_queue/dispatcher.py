@@ -217,6 +217,12 @@ class Dispatcher:
         timeout: bool,
     ) -> Outcome:
         self.stats.failed += 1
+        if message.errbacks:
+            log.warning(
+                "task %s: link_error callbacks are not supported yet and were not run: %s",
+                message.id,
+                ", ".join(str(sig.get("task")) for sig in message.errbacks),
+            )
         if isinstance(exc, TimeLimitExceeded):
             meta = results.time_limit_meta(message.id, exc.limit, **_links(message))
         elif isinstance(exc, SoftTimeLimitExceeded):

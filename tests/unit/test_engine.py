@@ -332,3 +332,14 @@ async def test_leases_follow_the_brokers_visibility_timeout(handlers: Handlers) 
         assert await result.get(timeout=5) == "released"
         assert consumer.stats.received == 1  # not redelivered while it ran
     await queue.close()
+
+
+async def test_errbacks_are_reported_not_silently_dropped(
+    queue: TaskQueue, worker: Consumer, caplog: pytest.LogCaptureFixture
+) -> None:
+    errback = {"task": "tasks.on_error", "args": [], "kwargs": {}, "options": {}}
+    result = await queue.send_task("tasks.fail", args=["x"], link_error=errback)
+    with pytest.raises(TaskFailed):
+        await result.get(timeout=5)
+    assert "link_error callbacks are not supported yet" in caplog.text
+    assert "tasks.on_error" in caplog.text

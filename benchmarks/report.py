@@ -167,7 +167,7 @@ def _throughput(session: dict[str, Any], path: Path) -> bool:
         ax.barh(labels, med, xerr=[lo, hi], color=colors, capsize=4)
         for y, (m, s) in enumerate(zip(med, sides[::-1], strict=True)):
             r = "" if s["ours"] else f"  (ours is {ratio(sc, s) or 0:.1f}x)"
-            ax.text(m, y, f" {m:,.0f}{r}", va="center", fontsize=8)
+            ax.text(s["summary"]["max"], y, f"  {m:,.0f}{r}", va="center", fontsize=8)
         _target_lines(ax, sc)
         title = textwrap.fill(f"{sc['name']}: {sc['title']}", 110)
         ax.set_title(title, fontsize=8.5, loc="left")
@@ -183,7 +183,7 @@ def _throughput(session: dict[str, Any], path: Path) -> bool:
                 ),
             ]
         )
-        ax.set_xlim(0, limit * 1.3)
+        ax.set_xlim(0, max(limit, *(s["summary"]["max"] for s in sides)) * 1.3)
         ax.tick_params(labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -257,8 +257,8 @@ def _memory(session: dict[str, Any], path: Path) -> bool:
         )
     ax.set_xlabel("messages processed from the backlog")
     ax.set_ylabel("RSS (MiB)")
-    ax.set_ylim(bottom=0)
-    ax.set_title("Consumer memory while draining the backlog", loc="left")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
+    ax.set_title("Consumer memory (RSS) while draining the backlog", loc="left")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

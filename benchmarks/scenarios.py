@@ -98,6 +98,7 @@ def drain_side(label: str, argv: list[str], task: str, results: bool, count_of: 
         bench.fill(backlog(task, count))
         consumer = bench.start_consumer(label, argv)
         try:
+            bench.warm_up(consumer, results)
             cpu = consumer.cpu_s()
             elapsed = bench.drain(
                 count, results=results, timeout=timeout_for(count), consumer=consumer
@@ -242,6 +243,7 @@ def latency_side(label: str, argv: list[str], rate: float = 100.0) -> Run:
         count = int(size.latency_s * rate)
         consumer = bench.start_consumer(label, argv)
         try:
+            bench.warm_up(consumer, False, count=50)
             client = bench.client(BROKER_DB)
             start = time.perf_counter() + 0.2
             for i in range(count):

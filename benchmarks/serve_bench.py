@@ -141,6 +141,7 @@ class ServeBench:
             self._call(f"deploy {app}", 180.0)
             try:
                 _wait_blocked(bench)
+                bench.warm_up(None, True)
                 elapsed = bench.drain(count, results=True, timeout=timeout_for(count, 50))
             finally:
                 self._call("delete", 120.0)

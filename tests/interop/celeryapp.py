@@ -27,9 +27,27 @@ def transport_options(broker_url: str) -> dict[str, Any]:
     return options
 
 
-def make_app(broker_url: str, result_url: str | None, *, name: str = "sqtest") -> Celery:
+class TrackedCelery(Celery):
+    """A Celery app that remembers every result backend it builds.
+
+    Celery keeps a non-thread-safe backend (Redis, rpc://) per thread, so the backend a test
+    used from ``asyncio.to_thread`` is not the one ``app.backend`` returns to the thread that
+    closes the app; ``backends`` lets teardown close them all, not leave sockets to the GC.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.backends: list[Any] = []
+        super().__init__(*args, **kwargs)
+
+    def _get_backend(self) -> Any:
+        backend = super()._get_backend()
+        self.backends.append(backend)
+        return backend
+
+
+def make_app(broker_url: str, result_url: str | None, *, name: str = "sqtest") -> TrackedCelery:
     """A Celery app (JSON only) with the five test tasks registered under ``tasks.*``."""
-    app = Celery(name, broker=broker_url, backend=result_url or None, set_as_current=False)
+    app = TrackedCelery(name, broker=broker_url, backend=result_url or None, set_as_current=False)
     app.conf.update(
         accept_content=["json"],
         result_accept_content=["json"],

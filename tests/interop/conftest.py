@@ -16,13 +16,13 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import kombu.pools
 import pytest
 from celery import Celery
 
-from tests.interop.celeryapp import make_app
+from tests.interop.celeryapp import TrackedCelery, make_app
 from tests.servers import Process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,7 +118,7 @@ def celery_worker(tmp_path: Path) -> Iterator[StartWorker]:
 @pytest.fixture
 def celery_app() -> Iterator[MakeApp]:
     """Factory: a Celery producer/client app (JSON, the ``tasks.*`` tasks registered)."""
-    apps: list[Celery] = []
+    apps: list[TrackedCelery] = []
 
     def make(broker_url: str, result_url: str | None = None) -> Celery:
         app = make_app(broker_url, result_url)
@@ -130,16 +130,28 @@ def celery_app() -> Iterator[MakeApp]:
         close_app(app)
 
 
-def close_app(app: Celery) -> None:
-    """Close every connection ``app`` opened, so no socket is left for the garbage collector."""
+def close_app(app: TrackedCelery) -> None:
+    """Close every connection ``app`` opened, from any thread, so no socket is left for the
+    garbage collector."""
     gc.collect()  # pending AsyncResult.__del__ unsubscribe now, while the servers are up
-    consumer = getattr(app.backend, "result_consumer", None)
-    if consumer is not None:
-        consumer.stop()
-        if hasattr(consumer, "_pubsub"):
-            consumer._pubsub = None  # a later AsyncResult.__del__ must not reconnect
-    client = app.backend.__dict__.get("client")  # the backend's redis client, if it made one
-    if client is not None:
-        client.connection_pool.disconnect()
+    for backend in app.backends:
+        close_backend(backend)
     app.close()
     kombu.pools.reset()  # Celery's broker connections live in kombu's process-wide pools
+
+
+def close_backend(backend: Any) -> None:
+    """Close a Celery result backend's connections: the Redis client and its pub/sub, or the
+    connection an rpc:// client reads replies on (its ``ResultConsumer.stop()`` fails once
+    the consumer is gone, so the connection is closed directly)."""
+    consumer = backend.__dict__.get("result_consumer")
+    if consumer is not None and hasattr(consumer, "_pubsub"):
+        consumer.stop()
+        consumer._pubsub = None  # a later AsyncResult.__del__ must not reconnect
+    elif consumer is not None and hasattr(consumer, "_connection"):
+        connection, consumer._connection, consumer._consumer = consumer._connection, None, None
+        if connection is not None:
+            connection.close()
+    client = backend.__dict__.get("client")  # the backend's redis client, if it made one
+    if client is not None:
+        client.connection_pool.disconnect()

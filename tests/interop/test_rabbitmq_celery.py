@@ -11,7 +11,6 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import pytest
-from celery import Celery
 
 from serve_queue import protocol
 from serve_queue.adapters.rabbitmq import RabbitMQAdapter, RPCResultBackend
@@ -20,7 +19,7 @@ from serve_queue.results.meta import failure_meta, success_meta
 from serve_queue.types import Ack, Requeue
 from tests.adapters.contract import Pump
 from tests.interop.celeryapp import make_app
-from tests.interop.conftest import MakeApp, StartWorker
+from tests.interop.conftest import MakeApp, StartWorker, close_app
 from tests.servers import RedisServer
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
@@ -41,7 +40,6 @@ async def rpc(amqp_url: str) -> AsyncIterator[RPCResultBackend]:
     await backend.connect()
     yield backend
     await backend.close()
-
 
 
 @pytest.fixture
@@ -206,7 +204,7 @@ async def test_celery_client_get_reads_what_our_rpc_backend_stores(
     celery_thread: ThreadPoolExecutor,
     pumps: list[Pump],
 ) -> None:
-    app = make_app(amqp_url, "rpc://")  # closed here: see close_rpc_app
+    app = make_app(amqp_url, "rpc://")  # closed in the thread that used it
     ok = await in_thread(celery_thread, app.send_task, "tasks.add", (2, 3))
     bad = await in_thread(celery_thread, app.send_task, "tasks.fail", ("nope",))
     pumps.append(pump := Pump(adapter, ["celery"], 10))
@@ -224,15 +222,4 @@ async def test_celery_client_get_reads_what_our_rpc_backend_stores(
         with pytest.raises(ValueError, match="nope"):
             await in_thread(celery_thread, bad.get, timeout=30)
     finally:
-        await in_thread(celery_thread, close_rpc_app, app)
-
-
-def close_rpc_app(app: Celery) -> None:
-    """Close the app and the connection its rpc:// client opened to read replies, which
-    ``app.close()`` leaves to the garbage collector (Celery's ``ResultConsumer.stop()`` fails
-    once its consumer is gone, so the connection is closed directly)."""
-    consumer = app.backend.result_consumer
-    connection, consumer._connection, consumer._consumer = consumer._connection, None, None
-    if connection is not None:
-        connection.close()
-    app.close()
+        await in_thread(celery_thread, close_app, app)

@@ -17,8 +17,7 @@ from celery import Celery
 from serve_queue import TaskFailed, TaskQueue, task
 from serve_queue.consumer import Consumer
 from tests.interop.celeryapp import make_app
-from tests.interop.conftest import MakeApp, StartWorker
-from tests.interop.test_rabbitmq_celery import close_rpc_app
+from tests.interop.conftest import MakeApp, StartWorker, close_app
 from tests.servers import RedisServer
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow, pytest.mark.timeout(120)]
@@ -65,7 +64,7 @@ async def test_celery_rpc_client_reads_our_results(
         with pytest.raises(ValueError, match="x"):
             await in_thread(celery_thread, lambda: failed.get(timeout=20))
     finally:
-        await in_thread(celery_thread, lambda: close_rpc_app(app))
+        await in_thread(celery_thread, lambda: close_app(app))
 
 
 async def test_our_producer_over_rpc(rpc_worker: Consumer, amqp_url: str) -> None:

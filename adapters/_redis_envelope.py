@@ -23,6 +23,7 @@ __all__ = [
     "dead_letter_record",
     "decode_delivery",
     "encode_envelope",
+    "has_delivery_tag",
     "mark_redelivered",
     "unacked_entry",
 ]
@@ -82,6 +83,18 @@ def decode_delivery(item: bytes, queue: str, token: Any, malformed: bool) -> Del
         redelivered=redelivered,
         token=token,
     )
+
+
+def has_delivery_tag(item: bytes) -> bool:
+    """Whether the fetch script would record ``item`` in ``unacked`` (a JSON object with a
+    non-empty string ``properties.delivery_tag``) rather than as malformed."""
+    try:
+        envelope = json.loads(item.decode("utf-8"))
+    except ValueError:
+        return False
+    properties = envelope.get("properties") if isinstance(envelope, dict) else None
+    tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+    return isinstance(tag, str) and tag != ""
 
 
 def _body(body: Any, encoding: Any) -> tuple[bytes | None, str]:

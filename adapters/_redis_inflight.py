@@ -18,10 +18,12 @@ from redis.asyncio import Redis
 
 from serve_queue.adapters._redis_envelope import mark_redelivered, unacked_entry
 from serve_queue.adapters._redis_scripts import (
+    CLAIM,
     DEPTH,
     FETCH,
     MOVE,
     RESTORE_STAGING,
+    RESTORE_STAGINGS,
     SEP,
     UNLOCK,
     RedisKeys,
@@ -50,13 +52,14 @@ class Token:
 class Op(NamedTuple):
     """One command waiting for the next pipeline flush."""
 
-    kind: str  # ack | extend | push | move
+    kind: str  # ack | extend | push | move | claim
     tag: bytes = b""
     malformed: bool = False
     key: str = ""
     payload: bytes = b""
     score: float = 0.0
-    mode: str = ""  # for move: L (LPUSH), R (RPUSH), Z (ZADD score)
+    mode: str = ""  # for move: L (LPUSH), R (RPUSH), Z (ZADD score); for claim: quoted queue
+    base: str = ""  # for claim: the list the staged item came from (key = the staging list)
 
 
 class _Shared(asyncio.Future[None]):
@@ -86,6 +89,15 @@ class Batcher:
         if self._task is None:
             self._task = asyncio.create_task(self._run())
         await done
+
+    def post(self, op: Op) -> None:
+        """Submit ``op`` without waiting for its flush (its failure is the flush callback's
+        to report)."""
+        self._ops.append(op)
+        if self._done is None:
+            self._done = _Shared()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
 
     async def drain(self) -> None:
         """Wait until everything submitted so far was flushed."""
@@ -117,7 +129,9 @@ class InflightStore:
         self.keys = keys
         self.fetch: Any = client.register_script(FETCH)
         self.move: Any = client.register_script(MOVE)
+        self.claim: Any = client.register_script(CLAIM)
         self.staging: Any = client.register_script(RESTORE_STAGING)
+        self.stagings: Any = client.register_script(RESTORE_STAGINGS)
         self.depth: Any = client.register_script(DEPTH)
         self.unlock: Any = client.register_script(UNLOCK)
 
@@ -139,10 +153,14 @@ class InflightStore:
                 scores[op.malformed][op.tag] = op.score
             elif op.kind == "push":
                 pushes.setdefault(op.key, []).append(op.payload)
+            elif op.kind == "claim":
+                keys = [*self.record_keys(False), *self.record_keys(True), op.key, op.base]
+                claim = [op.tag, op.payload, repr(op.score), op.mode, "1" if op.malformed else "0"]
+                await self.claim(keys=keys, args=claim, client=pipe)
             else:
                 keys = [*self.record_keys(op.malformed), op.key]
-                args = [op.tag, op.mode, op.payload, op.score, ""]
-                await self.move(keys=keys, args=args, client=pipe)
+                move = [op.tag, op.mode, op.payload, op.score, ""]
+                await self.move(keys=keys, args=move, client=pipe)
         for malformed in (False, True):
             hash_key, index = self.record_keys(malformed)
             if acks[malformed]:
@@ -167,16 +185,31 @@ class InflightStore:
             await self.move(keys=keys, args=[token.tag, "R", payload, 0, ""], client=pipe)
         await pipe.execute()
 
-    async def restore_staging(self, queues: list[str]) -> int:
-        """Put items parked in staging lists back at the front of their queues."""
-        keys = [key for q in queues for key in (self.keys.staging(q), self.keys.list_key(q))]
-        if not keys:
-            return 0
-        return int(await self.staging(keys=keys))
+    async def register_staging(self, members: list[str], expires: float) -> None:
+        """Register (or renew) staging lists until ``expires`` (unix time)."""
+        if members:
+            await self.client.zadd(self.keys.stagings, dict.fromkeys(members, expires))
 
-    async def sweep(self, visibility_timeout: float, queues: list[str]) -> int:
+    async def restore_staging(self, lists: list[tuple[str, str]], members: list[str]) -> int:
+        """Put the items parked in ``lists`` ((staging, base list) pairs) back at the front
+        of their base lists and drop the registrations ``members``."""
+        if not lists:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        await self.staging(keys=[key for pair in lists for key in pair], client=pipe)
+        if members:
+            pipe.zrem(self.keys.stagings, *members)
+        replies = await pipe.execute()
+        return int(replies[0])
+
+    async def restore_orphan_stagings(self) -> int:
+        """Put back the items of staging lists whose owner stopped renewing them."""
+        return int(await self.stagings(keys=[self.keys.stagings], args=[repr(time.time())]))
+
+    async def sweep(self, visibility_timeout: float) -> int:
         """kombu's restore: under ``unacked_mutex``, records older than the visibility timeout
-        go back to the front of their lists (plus staging items); returns how many moved."""
+        go back to the front of their lists (plus the items of orphaned staging lists);
+        returns how many moved."""
         token = uuid.uuid4().hex
         # kombu holds the mutex up to 300 s; ours expires after about one visibility timeout
         # so that a sweeper killed mid-sweep does not stall recovery (a second concurrent
@@ -188,7 +221,7 @@ class InflightStore:
             ceil = time.time() - visibility_timeout
             moved = await self._restore_records(ceil, malformed=False)
             moved += await self._restore_records(ceil, malformed=True)
-            return moved + await self.restore_staging(queues)
+            return moved + await self.restore_orphan_stagings()
         finally:
             await self.unlock(keys=[self.keys.mutex], args=[token])
 

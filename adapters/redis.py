@@ -12,12 +12,18 @@ Lua scripts: ``_redis_scripts``; needs Redis >= 6.2 (BLMOVE, LMOVE, RPOP count, 
   A malformed item (not JSON, no ``properties.delivery_tag``) is recorded under a generated tag
   in ``serve_queue.unacked_raw`` (kombu could not restore it) and yielded with
   ``envelope_error`` and the raw item as ``body``.
-- **Waiting**: when everything is empty, one connection per queue blocks on
-  ``BLMOVE <queue> serve_queue.staging.<queue> RIGHT LEFT <block_timeout>``; the fetch script
-  drains staging lists first, so an item a killed consumer left in staging is taken by the next
-  fetch (or put back by a sweep). Staging counts as ready in ``depth``. Only the base list wakes
-  a waiter: priority sub-lists and delayed items coming due are seen by the fetch that follows
-  every wake-up, so while idle they wait at most ``block_timeout`` (0.5 s).
+- **Waiting**: when everything is empty, one connection per queue blocks on ``BLMOVE <queue>
+  serve_queue.staging.<queue>.<adapter id> RIGHT LEFT <block_timeout>``, a staging list of this
+  adapter's own (registered in the ``serve_queue.stagings`` zset until ``now +
+  visibility_timeout``, renewed by every sweep cycle). The item it moves is yielded at once: its
+  in-flight record is written by a claim script (staging -> ``unacked``) that goes out with the
+  next pipeline, before any settle of it, so an idle consumer starts a task one round trip
+  after the push, not two. No fetch ever reads a staging list, so no other consumer runs that
+  item; if its owner dies before the claim, the item waits in staging until a sweep sees the
+  registration expired and puts it back at the front of its list (``close()`` puts its own
+  back at once). Staging counts as ready in ``depth``. Only the base list wakes a waiter:
+  priority sub-lists and delayed items coming due are seen by the fetch that follows every
+  wake-up, so while idle they wait at most ``block_timeout`` (0.5 s).
 - **Settle** calls, publishes and lease renewals made during one loop tick go out together in
   one pipeline. Ack = HDEL + ZREM. Requeue(0) = LPUSH (back of the line), marked redelivered.
   Requeue(delay) parks the item in the zset ``serve_queue.delayed.<queue>`` (score = due time);
@@ -35,8 +41,9 @@ Lua scripts: ``_redis_scripts``; needs Redis >= 6.2 (BLMOVE, LMOVE, RPOP count, 
   so a sweeper killed mid-sweep does not stall recovery), entries older than
   ``now - visibility_timeout`` go back to the *front* of their list with ``headers.redelivered``
   and ``delivery_info.redelivered`` set (JSON edited in Python; the move re-checks the score);
-  malformed records go back raw; staging lists are put back too. A producer-only adapter never
-  sweeps, so it cannot restore the running tasks of Celery workers.
+  malformed records go back raw; so do the items of staging lists whose registration expired.
+  A producer-only adapter never sweeps, so it cannot restore the running tasks of Celery
+  workers.
 - **close()** stops fetching and puts every unsettled delivery of this adapter back at the front
   of its list at once, marked redelivered; a later settle of those deliveries is a no-op.
 - **Errors**: client errors become ``BrokerUnavailable`` (connection, timeout) or ``BrokerError``.
@@ -64,6 +71,7 @@ from serve_queue.adapters._redis_envelope import (
     dead_letter_record,
     decode_delivery,
     encode_envelope,
+    has_delivery_tag,
     mark_redelivered,
 )
 from serve_queue.adapters._redis_scripts import RedisKeys, quoted, step_for
@@ -151,7 +159,10 @@ class RedisAdapter:
         self._fetch_lock = asyncio.Lock()
         self._closing = False
         self._queues: set[str] = set()
-        self._blockers: dict[str, asyncio.Task[None]] = {}
+        self._blockers: dict[str, asyncio.Task[bytes | None]] = {}
+        self._owner = ""  # names this adapter's staging lists; new on every connect()
+        self._staged = 0  # items taken from staging so far (their tags' sequence)
+        self._staging_dirty = False  # staging may hold items no claim will record
         self._sweeper: asyncio.Task[None] | None = None
         self._batcher = Batcher(self._flush)
 
@@ -181,6 +192,7 @@ class RedisAdapter:
             await blocking.aclose()
             raise self._error(exc, "connect") from exc
         self._store, self._blocking = InflightStore(client, self._keys), blocking
+        self._owner, self._staged = uuid.uuid4().hex[:12], 0
         self._closing = False
 
     async def close(self) -> None:
@@ -202,7 +214,7 @@ class RedisAdapter:
         try:
             await self._batcher.drain()
             await store.hand_back(tokens)
-            await store.restore_staging(sorted(self._queues))
+            await store.restore_staging(*self._staging_lists(sorted(self._queues)))
         except _CLIENT_ERRORS as exc:
             raise self._error(exc, "close (handing deliveries back)") from exc
         finally:
@@ -230,29 +242,37 @@ class RedisAdapter:
             raise ConfigurationError("deliveries() needs at least one queue and prefetch >= 1")
         self._require()
         self._queues.update(names)
+        await self._register_staging(names)
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep_forever())
         pending: deque[Delivery] = deque()
         turn = 0
+        woke = False
         try:
             while not self._closing:
                 if pending:
                     yield pending.popleft()
                     continue
+                if woke:  # let the task we woke for start before our next round trip
+                    woke = False
+                    await asyncio.sleep(0)
                 room = prefetch - len(self._inflight) - self._settling
                 if room <= 0:
                     self._room.clear()
                     await self._room.wait()
                     continue
+                if self._staging_dirty:
+                    await self._reset_staging()
                 turn = (turn + 1) % len(names)
                 order = names[turn:] + names[:turn]  # round-robin between queues
                 batch = await self._fetch(order, min(room, _FETCH_MAX))
                 _raise_if_cancelled()
-                if batch:
-                    pending.extend(batch)
-                else:
-                    await self._wait_for_work(order)
+                if not batch:
+                    batch = await self._wait_for_work(order, room)
+                    woke = bool(batch)
+                pending.extend(batch)
         finally:
+            self._staging_dirty = True  # a blocker may have parked an item nobody will claim
             await self._give_back_unyielded(pending)
 
     async def _fetch(self, queues: list[str], limit: int) -> list[Delivery]:
@@ -284,30 +304,109 @@ class RedisAdapter:
             out.append(decode_delivery(item, token.queue, token, token.malformed))
         return out
 
-    async def _wait_for_work(self, queues: list[str]) -> None:
+    async def _wait_for_work(self, queues: list[str], room: int) -> list[Delivery]:
         """Block (one BLMOVE per queue, each on its own connection) until a base list has work
-        or ``block_timeout`` passes."""
+        or ``block_timeout`` passes; the items moved to staging (at most ``room``; a later
+        call takes the rest) are in flight from here on, their claims posted."""
+        if len(queues) == 1 and queues[0] not in self._blockers:
+            # one queue: wait inline (a cancelled wait may leave its item in staging: the
+            # generator's exit marks staging dirty, so it is put back)
+            item = await self._block(queues[0])
+            return [] if item is None else [self._claim(queues[0], item)]
         for queue in queues:
             task = self._blockers.get(queue)
-            if task is None or task.done():
+            if task is None:
                 self._blockers[queue] = asyncio.create_task(self._block(queue))
         tasks = [self._blockers[q] for q in queues]
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if not task.cancelled() and (exc := task.exception()) is not None:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        staged: list[Delivery] = []
+        for queue in queues:
+            task = self._blockers[queue]
+            if not task.done() or len(staged) >= room:
+                continue
+            del self._blockers[queue]
+            if task.cancelled():
+                continue
+            if (exc := task.exception()) is not None:
                 raise exc
+            item = task.result()
+            if item is not None:
+                staged.append(self._claim(queue, item))
+        return staged
 
-    async def _block(self, queue: str) -> None:
+    async def _block(self, queue: str) -> bytes | None:
         blocking = self._blocking
         if blocking is None:
-            return
+            return None
         k = self._keys
         try:
-            await cast(Any, blocking).execute_command(
-                "BLMOVE", k.list_key(queue), k.staging(queue), "RIGHT", "LEFT", self._block_timeout
+            return cast(
+                "bytes | None",
+                await cast(Any, blocking).execute_command(
+                    "BLMOVE",
+                    k.list_key(queue),
+                    k.staging(queue, self._owner),
+                    "RIGHT",
+                    "LEFT",
+                    self._block_timeout,
+                ),
             )
         except _CLIENT_ERRORS as exc:
             raise self._error(exc, f"waiting on queue {queue!r}") from exc
+
+    def _claim(self, queue: str, item: bytes) -> Delivery:
+        """Take an item our BLMOVE parked in staging into flight: the claim script that
+        records it goes out with the next pipeline, ahead of any settle of it."""
+        self._staged += 1
+        tag = f"sq-{self._owner}-s{self._staged}".encode()
+        token = Token(tag, item, queue, 0, not has_delivery_tag(item))
+        self._inflight[tag] = token
+        k = self._keys
+        op = Op(
+            "claim",
+            tag,
+            token.malformed,
+            key=k.staging(queue, self._owner),
+            payload=item,
+            score=time.time(),
+            mode=quoted(queue),
+            base=k.list_key(queue),
+        )
+        # posted on the next loop turn, after the consumer spawned the task for this delivery
+        # (still before any settle of it), so that the task starts ahead of the claim's flush
+        asyncio.get_running_loop().call_soon(self._batcher.post, op)
+        return decode_delivery(item, queue, token, token.malformed)
+
+    def _staging_lists(self, queues: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+        """This adapter's (staging, base list) pairs for ``queues``, and their registrations."""
+        k, owner = self._keys, self._owner
+        lists = [(k.staging(q, owner), k.list_key(q)) for q in queues]
+        return lists, [k.staging_member(q, owner) for q in queues]
+
+    async def _register_staging(self, queues: list[str]) -> None:
+        """Register (renew) our staging lists for another visibility timeout."""
+        _, members = self._staging_lists(queues)
+        try:
+            await self._require().register_staging(members, time.time() + self.visibility_timeout)
+        except _CLIENT_ERRORS as exc:
+            raise self._error(exc, "registering staging lists") from exc
+
+    async def _reset_staging(self) -> None:
+        """After an interrupted wait or a failed claim: stop the blockers, let pending claims
+        go out, and put back what is still parked in our staging lists (an item a failed claim
+        left there runs again: at least once)."""
+        blockers = list(self._blockers.values())
+        self._blockers.clear()
+        for task in blockers:
+            task.cancel()
+        await asyncio.gather(*blockers, return_exceptions=True)
+        await self._batcher.drain()
+        lists, _ = self._staging_lists(sorted(self._queues))
+        try:
+            await self._require().restore_staging(lists, [])
+        except _CLIENT_ERRORS as exc:
+            raise self._error(exc, "putting back staged items") from exc
+        self._staging_dirty = False
 
     async def _give_back_unyielded(self, pending: deque[Delivery]) -> None:
         tokens: list[Token] = [d.token for d in pending if self._own(d) is not None]
@@ -316,6 +415,7 @@ class RedisAdapter:
         if tokens and self._store is not None:
             self._room.set()
             try:
+                await self._batcher.drain()  # claims first: a hand-back moves recorded items
                 await self._store.hand_back(tokens)
             except _CLIENT_ERRORS:  # still in unacked: the restore sweep brings them back
                 log.warning("could not hand back %d prefetched deliveries", len(tokens))
@@ -373,6 +473,7 @@ class RedisAdapter:
         try:
             await self._require().flush(ops)
         except _CLIENT_ERRORS as exc:
+            self._staging_dirty = True  # a claim in this batch may not have run
             raise self._error(exc, "settle/publish") from exc
 
     # -- restoring --------------------------------------------------------------------------
@@ -381,6 +482,7 @@ class RedisAdapter:
         interval = max(0.05, min(self.visibility_timeout / 4, 60.0))
         while not self._closing:  # checked too: a cancel may be lost (see _raise_if_cancelled)
             try:
+                await self._register_staging(sorted(self._queues))
                 await self.restore_expired()
             except BrokerError as exc:
                 log.warning("restore sweep failed: %s", exc)
@@ -391,7 +493,7 @@ class RedisAdapter:
         """Run one kombu-compatible restore sweep now; returns how many items went back."""
         store = self._require()
         try:
-            return await store.sweep(self.visibility_timeout, sorted(self._queues))
+            return await store.sweep(self.visibility_timeout)
         except _CLIENT_ERRORS as exc:
             raise self._error(exc, "restore sweep") from exc
 

@@ -550,26 +550,63 @@ async def test_idle_consumer_wakes_up_on_publish(adapter: RedisAdapter, pumps: l
     assert delivery.headers["n"] == 1
 
 
-async def test_staging_items_are_taken_first_and_restored(
+async def test_a_dead_consumers_staged_item_goes_back_to_the_front(
     adapter: RedisAdapter, rc: aioredis.Redis, pumps: list[Pump]
 ) -> None:
     for n in range(3):
         await adapter.publish("st", message(n))
-    # a consumer killed right after its BLMOVE leaves the oldest item in staging
-    await rc.lmove("st", "serve_queue.staging.st", "RIGHT", "LEFT")
+    # a consumer killed right after its BLMOVE leaves the oldest item in its staging list,
+    # registered until shortly after its death
+    staging = "serve_queue.staging.st.deadbeef0000"
+    await rc.lmove("st", staging, "RIGHT", "LEFT")
+    await rc.zadd("serve_queue.stagings", {f"2:st{staging}": time.time() + 1.0})
     assert await adapter.depth("st") == QueueDepth(ready=3, reserved=0, delayed=0)
-    got = await pump(pumps, adapter, "st").take(3, 10, "staging first")
-    assert [d.headers["n"] for d in got] == [0, 1, 2]
-    await pumps.pop().stop()
-    await adapter.publish("st", message(3))
-    await rc.lmove("st", "serve_queue.staging.st", "RIGHT", "LEFT")
+    stream = pump(pumps, adapter, "st")
+    got = await stream.take(2, 10, "the items still on the list")
+    assert [d.headers["n"] for d in got] == [1, 2]
+    await stream.expect_quiet(0.3, "an item staged by a consumer whose registration holds")
 
-    async def sweep_then_count() -> int:
-        await adapter.restore_expired()  # the adapter's own sweeper may get there first
-        return await rc.llen("st")
+    await asyncio.sleep(1.0)  # the registration expires
+    await adapter.restore_expired()  # the adapter's own sweeper may have got there first
+    (item,) = await stream.take(1, 10, "the staged item, put back")
+    assert item.headers["n"] == 0
+    assert await rc.llen(staging) == 0
+    assert f"2:st{staging}".encode() not in await rc.zrange("serve_queue.stagings", 0, -1)
 
-    await eventually(sweep_then_count)
-    assert await rc.llen("serve_queue.staging.st") == 0 and await rc.llen("st") == 1
+
+async def test_an_idle_consumer_records_the_item_it_woke_for(
+    adapter: RedisAdapter, rc: aioredis.Redis, pumps: list[Pump]
+) -> None:
+    idle = pump(pumps, adapter, "claim")
+    await idle.expect_quiet(0.3, "nothing was published yet")
+    await adapter.publish("claim", message(7))
+    (delivery,) = await idle.take(1, 10, "published while waiting")
+
+    async def recorded() -> bool:
+        return await rc.hlen("unacked") == 1 and await rc.zcard("unacked_index") == 1
+
+    assert await eventually(recorded)
+    staged = [k for k in await rc.keys("serve_queue.staging.claim.*") if await rc.llen(k)]
+    assert staged == []
+    assert await adapter.depth("claim") == QueueDepth(ready=0, reserved=1, delayed=0)
+    await adapter.settle(delivery, Ack())
+    assert await rc.hlen("unacked") == 0 and await rc.zcard("unacked_index") == 0
+
+
+async def test_close_puts_back_what_its_wait_staged(redis_url: str, rc: aioredis.Redis) -> None:
+    waiter = RedisAdapter(redis_url)
+    await waiter.connect()
+    stream = waiter.deliveries(["park"], 1)
+    first = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0.3)  # blocked in BLMOVE on its own staging list
+    staging = [k.decode() for k in await rc.zrange("serve_queue.stagings", 0, -1)]
+    assert len(staging) == 1 and staging[0].startswith("4:parkserve_queue.staging.park.")
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    await rc.lpush("park", b"raw item")  # lands on the list or in staging, then back on close
+    await waiter.close()
+    assert await rc.lrange("park", 0, -1) == [b"raw item"]
+    assert await rc.zcard("serve_queue.stagings") == 0
 
 
 async def test_prefetch_bound_holds_over_a_large_backlog(
@@ -652,8 +689,11 @@ async def test_global_keyprefix_prefixes_every_key(redis_url: str, rc: aioredis.
     await stream.aclose()  # type: ignore[attr-defined]
     assert await rc.hlen("pfx:unacked") == 1 and await rc.zcard("pfx:unacked_index") == 1
     await broker.settle(delivery, DeadLetter("x"))
-    assert sorted(await rc.keys("*")) == [b"pfx:q.dlq"]
+    assert sorted(await rc.keys("*")) == [b"pfx:q.dlq", b"pfx:serve_queue.stagings"]
+    (member,) = await rc.zrange("pfx:serve_queue.stagings", 0, -1)
+    assert member.startswith(b"5:pfx:qpfx:serve_queue.staging.q.")
     await broker.close()
+    assert sorted(await rc.keys("*")) == [b"pfx:q.dlq"]
 
 
 async def test_open_adapter_builds_it_from_a_url(redis_url: str) -> None:

@@ -23,7 +23,6 @@ __all__ = [
     "dead_letter_record",
     "decode_delivery",
     "encode_envelope",
-    "has_delivery_tag",
     "mark_redelivered",
     "unacked_entry",
 ]
@@ -48,18 +47,25 @@ def encode_envelope(queue: str, message: OutgoingMessage) -> bytes:
     return json.dumps(envelope).encode("utf-8")
 
 
-def decode_delivery(item: bytes, queue: str, token: Any, malformed: bool) -> Delivery:
-    """A Delivery for one list item; a broken envelope yields ``envelope_error`` + raw body."""
+def decode_delivery(item: bytes, queue: str, token: Any, malformed: bool | None) -> Delivery:
+    """A Delivery for one list item; a broken envelope yields ``envelope_error`` + raw body.
+
+    ``malformed`` says whether the fetch script found no ``properties.delivery_tag``; ``None``
+    decides it here, as that script would, and stores the verdict in ``token.malformed``.
+    """
     try:
         envelope = json.loads(item.decode("utf-8"))  # str: skips json's encoding sniffing
     except ValueError as exc:  # UnicodeDecodeError included
-        return _broken(item, queue, token, f"list item is not JSON ({exc})")
+        return _broken(item, queue, token, f"list item is not JSON ({exc})", malformed)
     if not isinstance(envelope, dict):
-        return _broken(item, queue, token, "list item is not a JSON object")
+        return _broken(item, queue, token, "list item is not a JSON object", malformed)
     properties = envelope.get("properties")
     headers = envelope.get("headers") or {}
     if not isinstance(properties, dict):
-        return _broken(item, queue, token, "envelope has no 'properties' object")
+        return _broken(item, queue, token, "envelope has no 'properties' object", malformed)
+    if malformed is None:
+        tag = properties.get("delivery_tag")
+        malformed = token.malformed = not (isinstance(tag, str) and tag != "")
     if malformed:
         return _broken(item, queue, token, "envelope has no properties.delivery_tag")
     if not isinstance(headers, dict):
@@ -85,18 +91,6 @@ def decode_delivery(item: bytes, queue: str, token: Any, malformed: bool) -> Del
     )
 
 
-def has_delivery_tag(item: bytes) -> bool:
-    """Whether the fetch script would record ``item`` in ``unacked`` (a JSON object with a
-    non-empty string ``properties.delivery_tag``) rather than as malformed."""
-    try:
-        envelope = json.loads(item.decode("utf-8"))
-    except ValueError:
-        return False
-    properties = envelope.get("properties") if isinstance(envelope, dict) else None
-    tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
-    return isinstance(tag, str) and tag != ""
-
-
 def _body(body: Any, encoding: Any) -> tuple[bytes | None, str]:
     if not isinstance(body, str):
         return None, "envelope 'body' is missing or not a string"
@@ -110,7 +104,11 @@ def _body(body: Any, encoding: Any) -> tuple[bytes | None, str]:
     return None, f"unsupported body_encoding {str(encoding)[:40]!r}"
 
 
-def _broken(item: bytes, queue: str, token: Any, error: str) -> Delivery:
+def _broken(
+    item: bytes, queue: str, token: Any, error: str, malformed: bool | None = True
+) -> Delivery:
+    if malformed is None:  # the fetch script would not find a delivery tag either
+        token.malformed = True
     return Delivery(
         body=item,
         content_type="",

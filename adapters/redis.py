@@ -71,7 +71,6 @@ from serve_queue.adapters._redis_envelope import (
     dead_letter_record,
     decode_delivery,
     encode_envelope,
-    has_delivery_tag,
     mark_redelivered,
 )
 from serve_queue.adapters._redis_scripts import RedisKeys, quoted, step_for
@@ -359,7 +358,8 @@ class RedisAdapter:
         records it goes out with the next pipeline, ahead of any settle of it."""
         self._staged += 1
         tag = f"sq-{self._owner}-s{self._staged}".encode()
-        token = Token(tag, item, queue, 0, not has_delivery_tag(item))
+        token = Token(tag, item, queue, 0, False)
+        delivery = decode_delivery(item, queue, token, None)  # sets token.malformed
         self._inflight[tag] = token
         k = self._keys
         op = Op(
@@ -375,7 +375,7 @@ class RedisAdapter:
         # posted on the next loop turn, after the consumer spawned the task for this delivery
         # (still before any settle of it), so that the task starts ahead of the claim's flush
         asyncio.get_running_loop().call_soon(self._batcher.post, op)
-        return decode_delivery(item, queue, token, token.malformed)
+        return delivery
 
     def _staging_lists(self, queues: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
         """This adapter's (staging, base list) pairs for ``queues``, and their registrations."""

@@ -273,8 +273,9 @@ async def test_duplicate_delivery_tags_are_both_kept_in_flight(
     assert await rc.hlen("unacked") == 0
 
 
+@pytest.mark.parametrize("path", ["fetched", "staged"])
 async def test_malformed_items_are_yielded_and_dead_lettered_raw(
-    adapter: RedisAdapter, rc: aioredis.Redis, pumps: list[Pump]
+    adapter: RedisAdapter, rc: aioredis.Redis, pumps: list[Pump], path: str
 ) -> None:
     bad_body = fixture_json("worker/malformed_messages.json")["envelope_body_not_base64"]
     items = [
@@ -284,9 +285,22 @@ async def test_malformed_items_are_yielded_and_dead_lettered_raw(
         b"[1, 2, 3]",
         bad_body["lpushed_raw"].encode(),
     ]
-    for item in items:
-        await rc.lpush("junk", item)
-    got = await pump(pumps, adapter, "junk").take(len(items), 10, "malformed")
+    if path == "fetched":  # on the list before the consumer looks: taken by the fetch script
+        for item in items:
+            await rc.lpush("junk", item)
+        got = await pump(pumps, adapter, "junk").take(len(items), 10, "malformed")
+    else:  # pushed while it waits: each one staged by its BLMOVE, then claimed
+        stream = pump(pumps, adapter, "junk")
+        got = []
+        for item in items:
+            await stream.expect_quiet(0.1, "nothing pushed yet")
+            await rc.lpush("junk", item)
+            got += await stream.take(1, 10, "malformed, staged")
+
+        async def all_claimed() -> bool:  # claims go out with the next pipeline
+            return await rc.hlen("serve_queue.unacked_raw") + await rc.hlen("unacked") == 5
+
+        await eventually(all_claimed)
     assert [d.body for d in got] == items
     assert all(d.envelope_error for d in got), [d.envelope_error for d in got]
     assert await adapter.depth("junk") == QueueDepth(ready=0, reserved=5, delayed=0)

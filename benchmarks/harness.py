@@ -34,8 +34,10 @@ from tests.servers import Process, RedisServer, ServerUnavailable
 ROOT = Path(__file__).resolve().parents[1]
 QUEUE = "celery"
 BROKER_DB, RESULTS_DB, BACKLOG_DB = 0, 1, 2
-#: every list a message may sit on before it is in flight (kombu priorities, our staging)
-READY_KEYS = (QUEUE, *(f"{QUEUE}\x06\x16{s}" for s in (3, 6, 9)), f"serve_queue.staging.{QUEUE}")
+#: every list a message may sit on before it is in flight (kombu priorities; our consumers'
+#: staging lists are registered in STAGINGS)
+READY_KEYS = (QUEUE, *(f"{QUEUE}\x06\x16{s}" for s in (3, 6, 9)))
+STAGINGS = "serve_queue.stagings"
 _ORIGIN = f"gen{os.getpid()}@bench"
 
 
@@ -219,8 +221,12 @@ class Bench:
 
     def remaining(self, count: int, results: bool) -> tuple[int, int, int]:
         """(ready, in flight, results still missing) right now."""
-        pipe = self.client().pipeline(transaction=False)
-        for key in READY_KEYS:
+        client = self.client()
+        # a member is "<len(base)>:<base list key><staging list key>"
+        members = [m.decode() for m in client.zrange(STAGINGS, 0, -1)]
+        staging = [m[m.index(":") + 1 + int(m[: m.index(":")]) :] for m in members]
+        pipe = client.pipeline(transaction=False)
+        for key in (*READY_KEYS, *staging):
             pipe.llen(key)
         pipe.hlen("unacked")
         replies = pipe.execute()

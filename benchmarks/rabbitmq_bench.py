@@ -1,23 +1,45 @@
-"""The no-op drain with results on RabbitMQ (``--broker rabbitmq``): ours against Celery
-threads c10, both consuming the same AMQP queue and storing results in the session's Redis.
+"""The scenarios on RabbitMQ (``--broker rabbitmq``): ours against Celery's peers, both sides
+consuming the same AMQP queue of a private RabbitMQ node (started on first use); results, when
+stored, go to the session's Redis.
 
-AMQP has no atomic move, so the backlog (``count`` messages after ``WARM_UP`` more, published
-with kombu, Celery's own client, as Celery's ``send_task`` would) is in the queue before the
-consumer starts; completions are counted through the stored results, and the clock runs from
-the moment the warm-up messages are done until every result is stored. Start-up and warm-up
-are thus never timed, for either side. A private RabbitMQ node is started on first use.
+AMQP has no atomic move, so a drain's backlog (``count`` messages after ``WARM_UP`` more,
+published with kombu, Celery's own client, as Celery's ``send_task`` would) is in the queue
+before the consumer starts, and the clock runs from the moment the warm-up messages are gone
+until the last message is: with results, counted by the stored results; without, by the
+queue's ready count (a passive declare every 4 ms), which counts messages taken rather than
+done, at both ends of the timed span alike, so a consumer's prefetch window is in flight at
+the start as at the end. Start-up and warm-up are thus never timed, for either side.
+
+Scenarios: ``noop``, ``noop_results``, ``io``, ``enqueue``, ``latency`` (the ``serve`` and
+``memory`` scenarios run on Redis only).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from benchmarks.harness import RESULTS_DB, Bench, Consumer, RunFailed, celery_argv
-from benchmarks.scenarios import Scenario, Side, Size, Target, ours_argv, timeout_for
+from benchmarks.scenarios import (
+    Scenario,
+    Side,
+    Size,
+    Target,
+    enqueue_side,
+    latency_stats,
+    ours_argv,
+    paced,
+    timeout_for,
+)
 from serve_queue import protocol
+from serve_queue.types import OutgoingMessage
 
 WARM_UP = 300
+QUEUE = "celery"
+SCENARIOS = ("noop", "noop_results", "io", "enqueue", "latency")
+ArgvFor = Callable[[str, str], list[str]]  # (broker URL, results URL or "") -> argv
 
 
 class RabbitBench:
@@ -45,77 +67,242 @@ class RabbitBench:
             self.server.close()
             self.server = None
 
-    def side(self, label: str, argv_for: Any) -> Side:
+    def drain_side(
+        self, label: str, argv_for: ArgvFor, task: str, results: bool, count_of: str
+    ) -> Side:
         def run(bench: Bench, size: Size) -> dict[str, Any]:
             url = self.url(bench)
-            count = size.drain
+            count = getattr(size, count_of)
             bench.flush()
-            _refill(url, count + WARM_UP)
-            consumer = bench.start_consumer(label, argv_for(url, bench.url(RESULTS_DB)))
-            try:
-                elapsed = _timed_drain(bench, consumer, count)
-            finally:
-                bench.stop_consumer(consumer)
+            with _channel(url) as channel:
+                _refill(channel, task, count + WARM_UP)
+                res = bench.url(RESULTS_DB) if results else ""
+                consumer = bench.start_consumer(label, argv_for(url, res))
+
+                def done() -> int:  # stored results, or messages gone from the queue
+                    if results:
+                        return int(bench.client(RESULTS_DB).dbsize())
+                    return count + WARM_UP - _ready(channel)
+
+                try:
+                    elapsed = _timed_drain(consumer, count, done)
+                finally:
+                    bench.stop_consumer(consumer)
             return {"value": count / elapsed, "elapsed_s": elapsed, "count": count}
+
+        return Side(label, run, ours=label == "serve_queue", quick=label != "celery solo")
+
+    def latency_side(self, label: str, argv_for: ArgvFor, rate: float = 100.0) -> Side:
+        def run(bench: Bench, size: Size) -> dict[str, Any]:
+            url = self.url(bench)
+            count = int(size.latency_s * rate)
+            with _channel(url) as channel:
+                _declare(channel).purge()
+                consumer = bench.start_consumer(label, argv_for(url, ""))
+                try:
+                    _refill(channel, "bench.noop", 50, purge=False)  # warm-up
+                    _wait_ready(channel, 0, consumer)
+                    paced(count, rate, lambda: _stamped_send(channel))
+                    _wait_ready(channel, 0, consumer)
+                    time.sleep(0.2)  # the last deliveries taken are handled by now
+                finally:
+                    bench.stop_consumer(consumer)
+            return latency_stats(label, consumer, count)
 
         return Side(label, run, ours=label == "serve_queue")
 
+    def enqueue_side(self, label: str, kind: str, producers: int) -> Side:
+        def broker(bench: Bench) -> str:
+            url = self.url(bench)
+            with _channel(url) as channel:
+                _declare(channel).purge()
+            return url
 
-def _refill(url: str, total: int) -> None:
-    """Empty the ``celery`` queue, then publish ``total`` no-op tasks to it."""
-    from kombu import Connection, Exchange, Queue
+        def queued_now(bench: Bench) -> int:
+            with _channel(self.url(bench)) as channel:
+                return _ready(channel)
 
-    exchange = Exchange("celery", "direct", durable=True)
-    queue = Queue("celery", exchange, routing_key="celery", durable=True)
+        run = enqueue_side(label, kind, producers, broker, queued_now)
+        return Side(label, run, ours=kind == "ours")
+
+
+def _ours(concurrency: int = 100) -> ArgvFor:
+    return lambda url, results: ours_argv(url, results, concurrency=concurrency)
+
+
+def _celery(pool: str, c: int | None) -> ArgvFor:
+    return lambda url, results: ["env", f"BENCH_BROKER={url}", f"BENCH_RESULTS={results}",
+                                 *celery_argv(pool, c)]  # fmt: skip
+
+
+def rabbitmq_scenarios(rabbit: RabbitBench, names: list[str]) -> list[Scenario]:
+    """The scenarios of ``names`` that run on RabbitMQ, in that order."""
+    makers = {
+        "noop": lambda: _noop(rabbit, results=False),
+        "noop_results": lambda: _noop(rabbit, results=True),
+        "io": lambda: _io(rabbit),
+        "enqueue": lambda: _enqueue(rabbit),
+        "latency": lambda: _latency(rabbit),
+    }
+    return [makers[name]() for name in names if name in makers]
+
+
+def _noop(rabbit: RabbitBench, results: bool) -> Scenario:
+    def side(label: str, argv_for: ArgvFor) -> Side:
+        return rabbit.drain_side(label, argv_for, "bench.noop", results, "drain")
+
+    return Scenario(
+        "noop_results" if results else "noop",
+        f"RabbitMQ: no-op drain, {'with Redis' if results else 'without'} results, "
+        "one consumer process",
+        "tasks/s",
+        True,
+        [
+            side("serve_queue", _ours()),
+            side("celery threads c10", _celery("threads", 10)),
+            side("celery solo", _celery("solo", None)),
+        ],
+        [Target("ratio", "celery threads c10", 10.0, ">= 10x celery threads c10")],
+    )
+
+
+def _io(rabbit: RabbitBench) -> Scenario:
+    def side(label: str, argv_for: ArgvFor) -> Side:
+        return rabbit.drain_side(label, argv_for, "bench.sleep", False, "io")
+
+    return Scenario(
+        "io",
+        "RabbitMQ: I/O-bound drain, 50 ms sleep per task (ours: asyncio.sleep, concurrency "
+        "1000; Celery: time.sleep, threads c100), no results",
+        "tasks/s",
+        True,
+        [side("serve_queue", _ours(1000)), side("celery threads c100", _celery("threads", 100))],
+        [Target("ratio", "celery threads c100", 10.0, ">= 10x celery threads c100")],
+    )
+
+
+def _enqueue(rabbit: RabbitBench) -> Scenario:
+    return Scenario(
+        "enqueue",
+        "RabbitMQ: enqueue rate from one process (ours: await send_task from 100 coroutines, "
+        "publisher confirms on; Celery: send_task in a loop, no confirms)",
+        "msg/s",
+        True,
+        [
+            rabbit.enqueue_side("serve_queue", "ours", 100),
+            rabbit.enqueue_side("celery send_task", "celery", 1),
+        ],
+        [Target("ratio", "celery send_task", 10.0, ">= 10x celery send_task")],
+    )
+
+
+def _latency(rabbit: RabbitBench) -> Scenario:
+    return Scenario(
+        "latency",
+        "RabbitMQ: latency from enqueue (kombu's publish) to handler start, paced 100/s",
+        "ms (p50)",
+        False,
+        [
+            rabbit.latency_side("serve_queue", _ours()),
+            rabbit.latency_side("celery threads c10", _celery("threads", 10)),
+        ],
+        [Target("max", "p50_ms", 1.0, "p50 < 1 ms"), Target("max", "p99_ms", 3.0, "p99 < 3 ms")],
+    )
+
+
+# -- AMQP plumbing (kombu, as a Celery producer) -------------------------------------------------
+
+
+@contextmanager
+def _channel(url: str) -> Iterator[Any]:
+    from kombu import Connection
+
     with Connection(url) as conn:
-        channel = conn.channel()
-        bound = queue(channel)
-        bound.declare()
+        yield conn.channel()
+
+
+def _declare(channel: Any) -> Any:
+    from kombu import Exchange, Queue
+
+    exchange = Exchange(QUEUE, "direct", durable=True)
+    bound = Queue(QUEUE, exchange, routing_key=QUEUE, durable=True)(channel)
+    bound.declare()
+    return bound
+
+
+def _ready(channel: Any) -> int:
+    """Messages ready in the queue (not counting those delivered and not yet acked)."""
+    return int(channel.queue_declare(queue=QUEUE, passive=True).message_count)
+
+
+def _publish(channel: Any, message: OutgoingMessage) -> None:
+    from kombu import Producer
+
+    props = message.properties
+    Producer(channel).publish(
+        message.body, exchange=QUEUE, routing_key=QUEUE, serializer=None,
+        content_type=message.content_type, content_encoding=message.content_encoding,
+        headers=dict(message.headers), delivery_mode=2, priority=props.get("priority"),
+        correlation_id=props.get("correlation_id"), reply_to=props.get("reply_to"),
+    )  # fmt: skip
+
+
+def _task(name: str, args: list[Any]) -> OutgoingMessage:
+    return protocol.encode_task(name, args, {}, protocol.SendOptions(), origin="gen0@bench")
+
+
+def _refill(channel: Any, task: str, total: int, *, purge: bool = True) -> None:
+    """Empty the ``celery`` queue (unless ``purge`` is false), then publish ``total`` tasks."""
+    bound = _declare(channel)
+    if purge:
         bound.purge()
-        producer = conn.Producer(channel)
-        for i in range(total):
-            message = protocol.encode_task("bench.noop", [i], {}, protocol.SendOptions(),
-                                           origin="gen0@bench")  # fmt: skip
-            props = dict(message.properties)
-            producer.publish(
-                message.body, exchange=exchange, routing_key="celery", serializer=None,
-                content_type=message.content_type, content_encoding=message.content_encoding,
-                headers=dict(message.headers), delivery_mode=2, priority=props.get("priority"),
-                correlation_id=props.get("correlation_id"), reply_to=props.get("reply_to"),
-            )  # fmt: skip
+    for i in range(total):
+        _publish(channel, _task(task, [i]))
 
 
-def _timed_drain(bench: Bench, consumer: Consumer, count: int) -> float:
-    results = bench.client(RESULTS_DB)
+def _stamped_send(channel: Any) -> Callable[[], None]:
+    """A ``bench.latency(sent)`` message built now; the call returned stamps and sends it.
+    ``sent`` is spliced into the JSON body (``[[<sent>], ...``, fixed width) and argsrepr."""
+    placeholder = b"%.6f" % 1111111111.111111
+    message = _task("bench.latency", [1111111111.111111])
+    if not message.body.startswith(b"[[" + placeholder + b"]"):
+        raise RuntimeError("the latency message's body does not start with [[<sent>]")
+    rest = message.body[2 + len(placeholder) :]
+
+    def send() -> None:
+        sent = b"%.6f" % time.time()
+        if len(sent) != len(placeholder):
+            raise RuntimeError(f"unexpected timestamp width: {sent!r}")
+        headers = {**message.headers, "argsrepr": f"[{sent.decode()}]"}
+        _publish(channel, OutgoingMessage(b"[[" + sent + rest, message.content_type,
+                                          message.content_encoding, headers,
+                                          message.properties))  # fmt: skip
+
+    return send
+
+
+def _wait_ready(channel: Any, at_most: int, consumer: Consumer, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _ready(channel) > at_most:
+        if time.monotonic() > deadline:
+            raise RunFailed(f"{consumer.label}: the queue did not empty within {timeout:.0f} s")
+        if not consumer.process.alive():
+            raise RunFailed(f"{consumer.label} exited")
+        time.sleep(0.01)
+
+
+def _timed_drain(consumer: Consumer, count: int, done: Callable[[], int]) -> float:
+    """Seconds per ``count`` messages, timed from when ``WARM_UP`` were done to the last."""
     deadline = time.monotonic() + 90 + timeout_for(count)
     started = None
     while time.monotonic() < deadline:
-        done = int(results.dbsize())
-        if started is None and done >= WARM_UP:
-            started, base = time.perf_counter(), done
-        if done >= count + WARM_UP and started is not None:
+        now = done()
+        if started is None and now >= WARM_UP:
+            started, base = time.perf_counter(), now
+        if now >= count + WARM_UP and started is not None:
             # tasks done before the clock started are not counted in the rate
             return (time.perf_counter() - started) * count / (count + WARM_UP - base)
         if not consumer.process.alive():
             raise RunFailed(f"{consumer.label} exited during the drain")
         time.sleep(0.004)
     raise RunFailed(f"did not drain {count} messages in time")
-
-
-def rabbitmq_scenario(rabbit: RabbitBench) -> Scenario:
-    def ours(url: str, results: str) -> list[str]:
-        return ours_argv(url, results)
-
-    def celery(url: str, results: str) -> list[str]:
-        return ["env", f"BENCH_BROKER={url}", f"BENCH_RESULTS={results}",
-                *celery_argv("threads", 10)]  # fmt: skip
-
-    return Scenario(
-        "noop_results",
-        "RabbitMQ: no-op drain with Redis results, one consumer process",
-        "tasks/s",
-        True,
-        [rabbit.side("serve_queue", ours), rabbit.side("celery threads c10", celery)],
-        [Target("ratio", "celery threads c10", 10.0, ">= 10x celery threads c10")],
-        note="RabbitMQ broker: only this scenario so far",
-    )

@@ -27,7 +27,8 @@ from typing import Any
 from benchmarks import report, scenarios
 from benchmarks.harness import Bench, RunFailed, load_average
 from benchmarks.progress import Progress
-from benchmarks.rabbitmq_bench import RabbitBench, rabbitmq_scenario
+from benchmarks.rabbitmq_bench import SCENARIOS as RABBITMQ_SCENARIOS
+from benchmarks.rabbitmq_bench import RabbitBench, rabbitmq_scenarios
 from benchmarks.serve_bench import ServeBench, serve_scenario
 
 ALL = ("noop", "noop_results", "io", "enqueue", "latency", "serve", "memory")
@@ -53,7 +54,7 @@ def run_session(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
     serve_bench, rabbit = ServeBench(), RabbitBench()
     with Bench.open() as bench:
         if args.broker == "rabbitmq":
-            built = [rabbitmq_scenario(rabbit)]
+            built = rabbitmq_scenarios(rabbit, names)
         else:
             built = build(names, bench, serve_bench)
         records = [report.scenario_record(sc) for sc in built]
@@ -151,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown scenario(s) {unknown}; choose from {ALL}")
     if args.broker == "rabbitmq":
-        left_out = [n for n in names if n != "noop_results"]
+        left_out = [n for n in names if n not in RABBITMQ_SCENARIOS]
         if left_out:
-            print(f"RabbitMQ: only noop_results is measured on RabbitMQ so far; not run: "
-                  f"{', '.join(left_out)}", file=sys.stderr)  # fmt: skip
-        names = ["noop_results"]
+            print(f"RabbitMQ: {', '.join(left_out)} run on Redis only; not run here",
+                  file=sys.stderr)  # fmt: skip
+        names = [n for n in names if n in RABBITMQ_SCENARIOS]
     session = run_session(args, names)
     print()
     print(

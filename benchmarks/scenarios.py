@@ -21,6 +21,7 @@ from benchmarks.harness import (
     QUEUE,
     RESULTS_DB,
     Bench,
+    Consumer,
     RunFailed,
     celery_argv,
     envelope,
@@ -197,14 +198,26 @@ def io_scenario(bench: Bench) -> Scenario:
 # -- enqueue ---------------------------------------------------------------------------------
 
 
-def enqueue_side(label: str, kind: str, producers: int) -> Run:
+def enqueue_side(
+    label: str,
+    kind: str,
+    producers: int,
+    broker: Callable[[Bench], str] | None = None,
+    queued_now: Callable[[Bench], int] | None = None,
+) -> Run:
+    """One enqueue run; ``broker`` (the URL to send to, a freshly emptied ``celery`` queue
+    behind it) and ``queued_now`` (how many messages it holds) default to the session's
+    Redis."""
+
     def run(bench: Bench, size: Size) -> dict[str, Any]:
-        bench.flush()
+        if broker is None:
+            bench.flush()
+        url = bench.url(BROKER_DB) if broker is None else broker(bench)
         argv = python_argv(
             "benchmarks.enqueue",
             kind,
             "--broker",
-            bench.url(BROKER_DB),
+            url,
             "--count",
             str(size.enqueue),
             "--producers",
@@ -212,7 +225,7 @@ def enqueue_side(label: str, kind: str, producers: int) -> Run:
         )
         out = bench.run_tool(argv, timeout=timeout_for(size.enqueue, 50))
         stats = json.loads(out.strip().splitlines()[-1])
-        queued = int(bench.client().llen(QUEUE))
+        queued = int(bench.client().llen(QUEUE)) if queued_now is None else queued_now(bench)
         if queued != size.enqueue:
             raise RunFailed(f"{label}: {queued} messages on the queue, expected {size.enqueue}")
         return {"value": size.enqueue / stats["elapsed_s"], **stats}
@@ -246,24 +259,41 @@ def latency_side(label: str, argv: list[str], rate: float = 100.0) -> Run:
         try:
             bench.warm_up(consumer, False, count=50)
             client = bench.client(BROKER_DB)
-            start = time.perf_counter() + 0.2
-            for i in range(count):
-                stamp = StampedEnvelope()  # built before the pause: only the push is timed
-                pause = start + i / rate - time.perf_counter()
-                if pause > 0:
-                    time.sleep(pause)
-                client.lpush(QUEUE, stamp.now())
+
+            def prepare() -> Callable[[], object]:
+                stamp = StampedEnvelope()
+                return lambda: client.lpush(QUEUE, stamp.now())
+
+            paced(count, rate, prepare)
             _wait_empty(bench, count)
         finally:
             bench.stop_consumer(consumer)
-        samples = sorted(json.loads(consumer.latency_file.read_text()))
-        if len(samples) != count:
-            raise RunFailed(f"{label}: {len(samples)} latencies recorded, {count} sent")
-        ms = [s * 1000 for s in samples]
-        return {"value": _pct(ms, 50), "p50_ms": _pct(ms, 50), "p99_ms": _pct(ms, 99),
-                "max_ms": ms[-1], "count": count, "samples_ms": ms}  # fmt: skip
+        return latency_stats(label, consumer, count)
 
     return run
+
+
+def paced(count: int, rate: float, prepare: Callable[[], Callable[[], object]]) -> None:
+    """Send ``count`` messages at ``rate`` per second: ``prepare()`` builds the next one
+    before the pause and returns the call that stamps and sends it, so only the send is
+    inside the measured latency."""
+    start = time.perf_counter() + 0.2
+    for i in range(count):
+        send = prepare()
+        pause = start + i / rate - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        send()
+
+
+def latency_stats(label: str, consumer: Consumer, count: int) -> dict[str, Any]:
+    """p50/p99/max of the latencies the (stopped) consumer wrote, in ms."""
+    samples = sorted(json.loads(consumer.latency_file.read_text()))
+    if len(samples) != count:
+        raise RunFailed(f"{label}: {len(samples)} latencies recorded, {count} sent")
+    ms = [s * 1000 for s in samples]
+    return {"value": _pct(ms, 50), "p50_ms": _pct(ms, 50), "p99_ms": _pct(ms, 99),
+            "max_ms": ms[-1], "count": count, "samples_ms": ms}  # fmt: skip
 
 
 class StampedEnvelope:

@@ -195,12 +195,21 @@ class Bench:
         client.lpush(QUEUE, *chunk)
         return len(chunk)
 
-    def warm_up(self, consumer: Consumer | None, results: bool, count: int = 300) -> None:
-        """Run ``count`` no-op tasks through a ready consumer and wait for them, then forget
-        their results: first-use costs (lazy imports, first script loads, cold caches) stay
-        out of the timed run, for every side alike."""
+    def warm_up(
+        self,
+        consumer: Consumer | None,
+        results: bool,
+        count: int = 300,
+        items: Sequence[bytes] | None = None,
+    ) -> None:
+        """Run ``count`` no-op tasks (or ``items``, a peer's own messages) through a ready
+        consumer and wait for them, then forget their results: first-use costs (lazy imports,
+        first script loads, cold caches) stay out of the timed run, for every side alike."""
         client = self.client()
-        client.lpush(QUEUE, *(envelope("bench.noop", [-i]) for i in range(count)))
+        if items is None:
+            items = [envelope("bench.noop", [-i]) for i in range(count)]
+        count = len(items)
+        client.lpush(QUEUE, *items)
         deadline = time.monotonic() + 60.0
         while self.remaining(count, results) != (0, 0, 0):
             if time.monotonic() > deadline:

@@ -11,7 +11,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -93,14 +93,24 @@ def timeout_for(count: int, slowest_rate: float = 100.0) -> float:
 # -- drains ----------------------------------------------------------------------------------
 
 
-def drain_side(label: str, argv: list[str], task: str, results: bool, count_of: str) -> Run:
+def drain_side(
+    label: str,
+    argv: list[str],
+    task: str,
+    results: bool,
+    count_of: str,
+    items: Callable[[str, int], Sequence[bytes]] = lambda task, n: backlog(task, n),
+) -> Run:
+    """One drain of ``count_of`` messages; ``items(task, n)`` builds them (and the warm-up's
+    no-ops): Celery's format unless the peer speaks its own."""
+
     def run(bench: Bench, size: Size) -> dict[str, Any]:
         count = getattr(size, count_of)
         bench.flush()
-        bench.fill(backlog(task, count))
+        bench.fill(items(task, count))
         consumer = bench.start_consumer(label, argv)
         try:
-            bench.warm_up(consumer, results)
+            bench.warm_up(consumer, results, items=list(items("bench.noop", 300)))
             cpu = consumer.cpu_s()
             elapsed = bench.drain(
                 count, results=results, timeout=timeout_for(count), consumer=consumer
@@ -121,6 +131,24 @@ def ours_argv(url: str, results: str = "", concurrency: int = 100, loop: str = "
     argv += ["--latency-file", "{latency}", "--concurrency", str(concurrency)]
     argv += ["--loop", loop or os.environ.get("BENCH_LOOP", "auto")]
     return [*argv, "--results", results] if results else argv
+
+
+def taskiq_side(bench: Bench, task: str, results: bool, count_of: str, max_async: int) -> Side:
+    """taskiq with taskiq-redis's list broker, ``max_async`` tasks at a time: the async peer."""
+    label = f"taskiq (async) c{max_async}"
+    res = bench.url(RESULTS_DB) if results else ""
+
+    def items(task: str, n: int) -> list[bytes]:
+        try:
+            from benchmarks.taskiq_peer import messages
+        except ImportError as exc:
+            raise RunFailed(f"taskiq is not installed ({exc})") from None
+        return messages(task, n)
+
+    worker = python_argv("taskiq", "worker", "benchmarks.taskiq_peer:broker", "--workers", "1",
+                         "--max-async-tasks", str(max_async), "--no-configure-logging")  # fmt: skip
+    argv = ["env", f"BENCH_BROKER={bench.url(BROKER_DB)}", f"BENCH_RESULTS={res}", *worker]
+    return Side(label, drain_side(label, argv, task, results, count_of, items))
 
 
 def noop_scenario(bench: Bench, results: bool) -> Scenario:
@@ -159,6 +187,7 @@ def noop_scenario(bench: Bench, results: bool) -> Scenario:
             celery("threads", 10, True),
             celery("solo", None, False),
             celery("prefork", 2, False),
+            taskiq_side(bench, "bench.noop", results, "drain", 100),
         ],
         [Target("ratio", "celery threads c10", 10.0, ">= 10x celery threads c10")],
     )
@@ -185,13 +214,12 @@ def io_scenario(bench: Bench) -> Scenario:
                 "celery threads c100",
                 drain_side("celery threads c100", celery, "bench.sleep", False, "io"),
             ),
+            taskiq_side(bench, "bench.sleep", False, "io", 1000),
         ],
         [
             Target("ratio", "celery threads c100", 10.0, ">= 10x celery threads c100"),
-            Target("ref", "1900", 4.0, ">= 4x the async peer (reference 1,900 tasks/s)"),
+            Target("ratio", "taskiq (async) c1000", 4.0, ">= 4x the async peer (taskiq)"),
         ],
-        note="async peer: not run here (no async peer is installed); the reference figure "
-        "1,900 tasks/s measured for it on a 2-core machine is used for the 4x target",
     )
 
 

@@ -36,5 +36,7 @@ def test_quick_benchmark_writes_results_and_plots(tmp_path: Path) -> None:
         assert ours["ours"] and ours["runs"], scenario["name"]
         assert all(run["ok"] for run in ours["runs"]), ours["runs"]
         assert ours["runs"][0]["value"] > 0
+        for side in scenario["sides"]:  # every peer of a quick run ran, taskiq included
+            assert "skipped" in side or all(run["ok"] for run in side["runs"]), side
     assert (out / "throughput.png").stat().st_size > 0
     assert "ours/peer" in done.stdout

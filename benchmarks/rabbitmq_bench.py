@@ -10,8 +10,16 @@ queue's ready count (a passive declare every 4 ms), which counts messages taken 
 done, at both ends of the timed span alike, so a consumer's prefetch window is in flight at
 the start as at the end. Start-up and warm-up are thus never timed, for either side.
 
-Scenarios: ``noop``, ``noop_results``, ``io``, ``enqueue``, ``latency`` (the ``serve`` and
-``memory`` scenarios run on Redis only).
+The memory scenario measures a consumer's idle RSS on the empty queue, stops it, publishes
+the backlog, and samples a fresh consumer of the same command while it drains that backlog
+(again counted by the ready count).
+
+Inside Ray Serve (``serve``), the backlog is published first and the replica deployed on it;
+the clock starts when the warm-up's results are stored, whether or not Serve has reported the
+deployment done by then.
+
+Scenarios: ``noop``, ``noop_results``, ``io``, ``enqueue``, ``latency``, ``serve``, ``memory``:
+all of those on Redis.
 """
 
 from __future__ import annotations
@@ -23,22 +31,29 @@ from typing import Any
 
 from benchmarks.harness import RESULTS_DB, Bench, Consumer, RunFailed, celery_argv
 from benchmarks.scenarios import (
+    Enough,
     Scenario,
     Side,
     Size,
     Target,
     enqueue_side,
+    idle_rss,
     latency_stats,
+    memory_stats,
     ours_argv,
     paced,
     timeout_for,
 )
+from benchmarks.serve_bench import RAY_CONCURRENCY, ServeBench
 from serve_queue import protocol
 from serve_queue.types import OutgoingMessage
 
 WARM_UP = 300
 QUEUE = "celery"
-SCENARIOS = ("noop", "noop_results", "io", "enqueue", "latency")
+SCENARIOS = ("noop", "noop_results", "io", "enqueue", "latency", "serve", "memory")
+#: publishes between two round trips while filling (keeps kombu's writes under the broker's
+#: flow control: py-amqp gives up on a socket write blocked for a second)
+SYNC_EVERY = 2_000
 ArgvFor = Callable[[str, str], list[str]]  # (broker URL, results URL or "") -> argv
 
 
@@ -85,7 +100,7 @@ class RabbitBench:
                     return count + WARM_UP - _ready(channel)
 
                 try:
-                    elapsed = _timed_drain(consumer, count, done)
+                    elapsed = _timed_drain(label, consumer.process.alive, count, done)
                 finally:
                     bench.stop_consumer(consumer)
             return {"value": count / elapsed, "elapsed_s": elapsed, "count": count}
@@ -111,6 +126,59 @@ class RabbitBench:
 
         return Side(label, run, ours=label == "serve_queue")
 
+    def memory_side(self, label: str, argv_for: ArgvFor) -> Side:
+        ours = label == "serve_queue"
+
+        def run(bench: Bench, size: Size) -> dict[str, Any]:
+            url, count = self.url(bench), size.memory
+            with _channel(url) as channel:
+                _declare(channel).purge()
+                consumer = bench.start_consumer(label, argv_for(url, ""))
+                try:
+                    idle = idle_rss(consumer)
+                finally:
+                    bench.stop_consumer(consumer)
+                _refill(channel, "bench.noop", count)
+                consumer = bench.start_consumer(label, argv_for(url, ""))
+                samples: list[tuple[float, int, int]] = []
+                limit = timeout_for(count) if ours else size.memory_peer_s
+                started, drained = time.perf_counter(), True
+                try:
+                    while (done := count - _ready(channel)) < count:
+                        elapsed = time.perf_counter() - started
+                        samples.append((elapsed, done, consumer.rss()))
+                        if elapsed > limit:
+                            if ours:
+                                raise RunFailed(f"did not drain {count} in {limit:.0f}s")
+                            raise Enough
+                        if not consumer.process.alive():
+                            raise RunFailed(f"{label} exited during the drain")
+                        time.sleep(0.1)
+                except Enough:
+                    drained = False
+                finally:
+                    bench.stop_consumer(consumer)
+            return memory_stats(idle, samples, count, drained)
+
+        return Side(label, run, ours=ours)
+
+    def serve_side(self, serve_bench: ServeBench, label: str, app: str) -> Side:
+        def run(bench: Bench, size: Size) -> dict[str, Any]:
+            url, count = self.url(bench), size.serve
+            bench.flush()
+            results = bench.client(RESULTS_DB)
+            with _channel(url) as channel:
+                _refill(channel, "bench.noop", count + WARM_UP)
+
+            def drain() -> float:
+                alive = lambda: serve_bench.alive  # noqa: E731
+                return _timed_drain(label, alive, count, lambda: int(results.dbsize()))
+
+            elapsed = serve_bench.deployed_drain(bench, app, url, drain)
+            return {"value": count / elapsed, "elapsed_s": elapsed, "count": count}
+
+        return Side(label, run, ours=app == "ours")
+
     def enqueue_side(self, label: str, kind: str, producers: int) -> Side:
         def broker(bench: Bench) -> str:
             url = self.url(bench)
@@ -135,7 +203,9 @@ def _celery(pool: str, c: int | None) -> ArgvFor:
                                  *celery_argv(pool, c)]  # fmt: skip
 
 
-def rabbitmq_scenarios(rabbit: RabbitBench, names: list[str]) -> list[Scenario]:
+def rabbitmq_scenarios(
+    rabbit: RabbitBench, serve_bench: ServeBench, names: list[str]
+) -> list[Scenario]:
     """The scenarios of ``names`` that run on RabbitMQ, in that order."""
     makers = {
         "noop": lambda: _noop(rabbit, results=False),
@@ -143,6 +213,8 @@ def rabbitmq_scenarios(rabbit: RabbitBench, names: list[str]) -> list[Scenario]:
         "io": lambda: _io(rabbit),
         "enqueue": lambda: _enqueue(rabbit),
         "latency": lambda: _latency(rabbit),
+        "serve": lambda: _serve(rabbit, serve_bench),
+        "memory": lambda: _memory(rabbit),
     }
     return [makers[name]() for name in names if name in makers]
 
@@ -210,6 +282,37 @@ def _latency(rabbit: RabbitBench) -> Scenario:
     )
 
 
+def _serve(rabbit: RabbitBench, serve_bench: ServeBench) -> Scenario:
+    ray = "ray task_consumer (celery adapter)"
+    return Scenario(
+        "serve",
+        "RabbitMQ: inside Ray Serve, no-op drain by one replica, with Redis results",
+        "tasks/s",
+        True,
+        [
+            rabbit.serve_side(serve_bench, "serve_queue", "ours"),
+            rabbit.serve_side(serve_bench, ray, "ray"),
+        ],
+        [Target("ratio", ray, 10.0, ">= 10x Ray's task consumer")],
+        note=f"Ray's consumer: Celery threads, max_ongoing_requests={RAY_CONCURRENCY}",
+    )
+
+
+def _memory(rabbit: RabbitBench) -> Scenario:
+    return Scenario(
+        "memory",
+        "RabbitMQ: RSS of one consumer: idle on the empty queue, then while draining a large "
+        "no-op backlog (peer: sampled for a bounded time)",
+        "MiB (peak)",
+        False,
+        [
+            rabbit.memory_side("serve_queue", _ours()),
+            rabbit.memory_side("celery threads c10", _celery("threads", 10)),
+        ],
+        [Target("max", "growth_pct", 10.0, "RSS flat within 10% over the backlog")],
+    )
+
+
 # -- AMQP plumbing (kombu, as a Celery producer) -------------------------------------------------
 
 
@@ -258,6 +361,8 @@ def _refill(channel: Any, task: str, total: int, *, purge: bool = True) -> None:
         bound.purge()
     for i in range(total):
         _publish(channel, _task(task, [i]))
+        if i % SYNC_EVERY == SYNC_EVERY - 1:
+            _ready(channel)
 
 
 def _stamped_send(channel: Any) -> Callable[[], None]:
@@ -291,8 +396,11 @@ def _wait_ready(channel: Any, at_most: int, consumer: Consumer, timeout: float =
         time.sleep(0.01)
 
 
-def _timed_drain(consumer: Consumer, count: int, done: Callable[[], int]) -> float:
-    """Seconds per ``count`` messages, timed from when ``WARM_UP`` were done to the last."""
+def _timed_drain(
+    label: str, alive: Callable[[], bool], count: int, done: Callable[[], int]
+) -> float:
+    """Seconds per ``count`` messages, timed from when ``WARM_UP`` were done to the last;
+    ``alive()`` says whether the consumer still runs."""
     deadline = time.monotonic() + 90 + timeout_for(count)
     started = None
     while time.monotonic() < deadline:
@@ -302,7 +410,7 @@ def _timed_drain(consumer: Consumer, count: int, done: Callable[[], int]) -> flo
         if now >= count + WARM_UP and started is not None:
             # tasks done before the clock started are not counted in the rate
             return (time.perf_counter() - started) * count / (count + WARM_UP - base)
-        if not consumer.process.alive():
-            raise RunFailed(f"{consumer.label} exited during the drain")
+        if not alive():
+            raise RunFailed(f"{label} exited during the drain")
         time.sleep(0.004)
     raise RunFailed(f"did not drain {count} messages in time")

@@ -54,7 +54,7 @@ def run_session(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
     serve_bench, rabbit = ServeBench(), RabbitBench()
     with Bench.open() as bench:
         if args.broker == "rabbitmq":
-            built = rabbitmq_scenarios(rabbit, names)
+            built = rabbitmq_scenarios(rabbit, serve_bench, names)
         else:
             built = build(names, bench, serve_bench)
         records = [report.scenario_record(sc) for sc in built]

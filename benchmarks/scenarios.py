@@ -396,7 +396,7 @@ def memory_side(label: str, argv: list[str], ours: bool) -> Run:
         bench.fill(envelope("bench.noop", [i]) for i in range(count))
         consumer = bench.start_consumer(label, argv)
         try:
-            idle = _idle_rss(consumer)
+            idle = idle_rss(consumer)
             samples: list[tuple[float, int, int]] = []
             limit = timeout_for(count) if ours else size.memory_peer_s
             last = [0.0]
@@ -406,29 +406,29 @@ def memory_side(label: str, argv: list[str], ours: bool) -> Run:
                     last[0] = elapsed
                     samples.append((elapsed, done, consumer.rss()))
                 if not ours and elapsed > limit:
-                    raise _Enough
+                    raise Enough
 
             drained = True
             try:
                 bench.drain(
                     count, results=False, timeout=limit, consumer=consumer, on_sample=sample
                 )
-            except (_Enough, RunFailed):
+            except (Enough, RunFailed):
                 if ours:
                     raise
                 drained = False
         finally:
             bench.stop_consumer(consumer)
-        return _memory_stats(idle, samples, count, drained)
+        return memory_stats(idle, samples, count, drained)
 
     return run
 
 
-class _Enough(Exception):
-    pass
+class Enough(Exception):
+    """A peer was sampled long enough (it need not drain the whole backlog)."""
 
 
-def _idle_rss(consumer: Any, seconds: float = 2.0) -> int:
+def idle_rss(consumer: Any, seconds: float = 2.0) -> int:
     time.sleep(0.5)
     values = []
     end = time.monotonic() + seconds
@@ -438,7 +438,7 @@ def _idle_rss(consumer: Any, seconds: float = 2.0) -> int:
     return int(statistics.median(values))
 
 
-def _memory_stats(
+def memory_stats(
     idle: int, samples: list[tuple[float, int, int]], count: int, drained: bool
 ) -> dict[str, Any]:
     mib = 1024 * 1024

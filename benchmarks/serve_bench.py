@@ -1,5 +1,6 @@
 """Inside Ray Serve: one replica of our consumer against one replica of Ray's own
-``ray.serve.task_consumer`` (its Celery adapter), same no-op task, same Redis, same backlog.
+``ray.serve.task_consumer`` (its Celery adapter), same no-op task, same broker (Redis, or
+RabbitMQ with ``--broker rabbitmq``), same backlog.
 
 Both store results in Redis (Ray's Celery adapter always does). Ray's consumer runs Celery's
 thread pool with ``max_ongoing_requests`` threads; it is given 10, like the Celery c10 peer
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.harness import BROKER_DB, RESULTS_DB, ROOT, Bench, RunFailed
@@ -82,8 +84,7 @@ class ServeBench:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
         self.log = (bench.workdir / "serve-driver.log").open("a")
-        argv = [sys.executable, "-m", "benchmarks.serve_bench", bench.url(BROKER_DB),
-                bench.url(RESULTS_DB)]  # fmt: skip
+        argv = [sys.executable, "-m", "benchmarks.serve_bench", bench.url(RESULTS_DB)]
         self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, text=True, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log,
                                      start_new_session=True)  # fmt: skip
@@ -108,13 +109,35 @@ class ServeBench:
         raise RunFailed(f"the Ray Serve driver did not answer within {timeout:.0f}s ({doing})")
 
     def _call(self, command: str, timeout: float) -> None:
+        self._send(command)
+        self._reply(timeout, command.split()[0])
+
+    def _send(self, command: str) -> None:
         assert self.proc is not None and self.proc.stdin is not None
         try:
             self.proc.stdin.write(command + "\n")
             self.proc.stdin.flush()
         except OSError:
-            raise RunFailed(f"the Ray Serve driver is gone ({command})") from None
-        self._reply(timeout, command)
+            raise RunFailed(f"the Ray Serve driver is gone ({command.split()[0]})") from None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def deployed_drain(
+        self, bench: Bench, app: str, broker: str, drain: Callable[[], float]
+    ) -> float:
+        """Deploy ``app`` consuming ``broker`` and time ``drain()`` (which starts at once, so
+        a backlog the replica starts on while Serve still reports it deploying is timed
+        from its warm-up on), then delete the app."""
+        self._ensure(bench)
+        self._send(f"deploy {app} {broker}")
+        try:
+            elapsed = drain()
+            self._reply(180.0, f"deploy {app}")
+        finally:
+            self._call("delete", 120.0)
+        return elapsed
 
     def close(self) -> None:
         proc, self.proc = self.proc, None
@@ -138,7 +161,7 @@ class ServeBench:
             count = size.serve
             bench.flush()
             bench.fill(backlog("bench.noop", count))
-            self._call(f"deploy {app}", 180.0)
+            self._call(f"deploy {app} {bench.url(BROKER_DB)}", 180.0)
             try:
                 _wait_blocked(bench)
                 bench.warm_up(None, True)
@@ -177,9 +200,10 @@ def serve_scenario(serve_bench: ServeBench) -> Scenario:
     )
 
 
-def driver(broker: str, results: str) -> None:
+def driver(results: str) -> None:
     """The driver process: start a local Ray cluster with Serve, then follow commands on
-    stdin (``deploy ours|ray``, ``delete``, ``quit``), answering ``@@ ok`` or ``@@ error``."""
+    stdin (``deploy ours|ray <broker URL>``, ``delete``, ``quit``), answering ``@@ ok`` or
+    ``@@ error``."""
     from ray import serve
 
     from tests.ray_cluster import RayCluster
@@ -199,7 +223,8 @@ def driver(broker: str, results: str) -> None:
             command = line.split()
             try:
                 if command[:1] == ["deploy"]:
-                    serve.run(apps[command[1]](broker, results), name="bench", route_prefix=None)
+                    app = apps[command[1]](command[2], results)
+                    serve.run(app, name="bench", route_prefix=None)
                 elif command[:1] == ["delete"]:
                     serve.delete("bench")
                 else:
@@ -213,4 +238,4 @@ def driver(broker: str, results: str) -> None:
 
 
 if __name__ == "__main__":
-    driver(sys.argv[1], sys.argv[2])
+    driver(sys.argv[1])

@@ -1,8 +1,9 @@
 """The benchmark harness works end to end (a smoke check, never a speed check).
 
-Runs ``python -m benchmarks.run --quick`` on its two cheapest scenarios in a subprocess (its
-own redis-server, our consumer and a Celery worker as subprocesses) and checks that it exits 0
-and writes the raw runs and a plot. No timing is asserted: benchmarks are not tests.
+Runs ``python -m benchmarks.run --quick`` on two cheap scenarios per broker in a subprocess
+(its own redis-server and, for RabbitMQ, its own node; our consumer and a Celery worker as
+subprocesses) and checks that it exits 0 and writes the raw runs and a plot. No timing is
+asserted: benchmarks are not tests.
 """
 
 from __future__ import annotations
@@ -20,17 +21,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_quick_benchmark_writes_results_and_plots(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("broker", "names", "plot"),
+    [("redis", ["noop", "enqueue"], "throughput.png"), ("rabbitmq", ["memory"], "memory.png")],
+)
+def test_quick_benchmark_writes_results_and_plots(
+    tmp_path: Path, request: pytest.FixtureRequest, broker: str, names: list[str], plot: str
+) -> None:
+    if broker == "rabbitmq":
+        request.getfixturevalue("rabbitmq_server")  # skips without rabbitmq-server (not in CI)
     out = tmp_path / "results"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--scenarios", "noop,enqueue",
-         "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--broker", broker,
+         "--scenarios", ",".join(names), "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=170, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     session = json.loads((out / "results.json").read_text())
-    assert [sc["name"] for sc in session["scenarios"]] == ["noop", "enqueue"]
+    assert [sc["name"] for sc in session["scenarios"]] == names
     for scenario in session["scenarios"]:
         ours = scenario["sides"][0]
         assert ours["ours"] and ours["runs"], scenario["name"]
@@ -38,5 +47,5 @@ def test_quick_benchmark_writes_results_and_plots(tmp_path: Path) -> None:
         assert ours["runs"][0]["value"] > 0
         for side in scenario["sides"]:  # every peer of a quick run ran, taskiq included
             assert "skipped" in side or all(run["ok"] for run in side["runs"]), side
-    assert (out / "throughput.png").stat().st_size > 0
+    assert (out / plot).stat().st_size > 0
     assert "ours/peer" in done.stdout

@@ -2,10 +2,13 @@
 
     python -m benchmarks.enqueue ours --broker URL --count N --producers P
     python -m benchmarks.enqueue celery --broker URL --count N
+    python -m benchmarks.enqueue raw --broker amqp://... --count N
 
 ``ours``: ``P`` coroutines each ``await queue.send_task("bench.noop", args=[i])`` in turn.
 ``celery``: Celery's ``app.send_task("bench.noop", args=[i])`` in a loop. Both connect (and
-send one message to another queue) before the clock starts.
+send one message to another queue) before the clock starts. ``raw``: the RabbitMQ node's own
+ceiling, frames of one message written as fast as the broker confirms them (see
+``benchmarks/amqp_floor.py``).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def celery(broker: str, count: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["ours", "celery"])
+    parser.add_argument("kind", choices=["ours", "celery", "raw"])
     parser.add_argument("--broker", required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--producers", type=int, default=100)
@@ -57,6 +60,10 @@ def main() -> None:
     cpu = time.process_time()
     if args.kind == "ours":
         elapsed = asyncio.run(ours(args.broker, args.count, args.producers))
+    elif args.kind == "raw":
+        from benchmarks.amqp_floor import publish
+
+        elapsed = asyncio.run(publish(args.broker, "celery", args.count))
     else:
         elapsed = celery(args.broker, args.count)
     cpu = time.process_time() - cpu

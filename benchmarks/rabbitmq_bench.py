@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from benchmarks.harness import RESULTS_DB, Bench, Consumer, RunFailed, celery_argv
+from benchmarks.harness import RESULTS_DB, Bench, Consumer, RunFailed, celery_argv, python_argv
 from benchmarks.scenarios import (
     Enough,
     Scenario,
@@ -198,6 +198,14 @@ def _ours(concurrency: int = 100) -> ArgvFor:
     return lambda url, results: ours_argv(url, results, concurrency=concurrency)
 
 
+def _floor(url: str, results: str) -> list[str]:
+    return python_argv("benchmarks.amqp_floor", "--broker", url, "--ready-file", "{ready}")
+
+
+#: the sides that show the broker's own limit (a bare client: see benchmarks/amqp_floor.py)
+FLOOR = "raw AMQP client (broker ceiling)"
+
+
 def _celery(pool: str, c: int | None) -> ArgvFor:
     return lambda url, results: ["env", f"BENCH_BROKER={url}", f"BENCH_RESULTS={results}",
                                  *celery_argv(pool, c)]  # fmt: skip
@@ -233,6 +241,7 @@ def _noop(rabbit: RabbitBench, results: bool) -> Scenario:
             side("serve_queue", _ours()),
             side("celery threads c10", _celery("threads", 10)),
             side("celery solo", _celery("solo", None)),
+            *([] if results else [side(FLOOR, _floor)]),
         ],
         [Target("ratio", "celery threads c10", 10.0, ">= 10x celery threads c10")],
     )
@@ -263,6 +272,7 @@ def _enqueue(rabbit: RabbitBench) -> Scenario:
         [
             rabbit.enqueue_side("serve_queue", "ours", 100),
             rabbit.enqueue_side("celery send_task", "celery", 1),
+            rabbit.enqueue_side(FLOOR, "raw", 1),
         ],
         [Target("ratio", "celery send_task", 10.0, ">= 10x celery send_task")],
     )

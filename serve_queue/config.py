@@ -27,6 +27,8 @@ _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 #: Serializers accepted when nothing else is said: JSON only (pickle/yaml/msgpack are opt-in).
 DEFAULT_ACCEPT: tuple[str, ...] = ("json",)
+#: how large a compressed task body may become once decompressed (64 MiB)
+DEFAULT_MAX_DECOMPRESSED = 64 * 1024 * 1024
 
 
 class BrokerURL(BaseModel):
@@ -165,6 +167,8 @@ class ConsumerConfig(BaseModel):
     acks: AckPolicy = "late"
     acks_on_failure_or_timeout: bool = True
     accept_content: tuple[str, ...] = DEFAULT_ACCEPT
+    #: a compressed body that would expand beyond this is dead-lettered as undecodable
+    max_decompressed_bytes: int = Field(default=DEFAULT_MAX_DECOMPRESSED, ge=1)
     drain_timeout: float = Field(default=30.0, ge=0)
     #: lease renewed for running tasks; None: the adapter's visibility_timeout (else 60 s)
     lease_s: float | None = Field(default=None, gt=0)

@@ -113,7 +113,9 @@ class Dispatcher:
 
     async def _process(self, delivery: Delivery) -> Outcome | None:
         try:
-            message = protocol.decode(delivery, self.config.accept_content)
+            message = protocol.decode(
+                delivery, self.config.accept_content, self.config.max_decompressed_bytes
+            )
         except MessageError as exc:
             return self._dead_letter(delivery, "undecodable", exc)
         try:

@@ -14,10 +14,13 @@ or in options, are UTC; every datetime handed out is aware UTC.
 
 from __future__ import annotations
 
+import bz2
 import json
+import lzma
 import math
 import os
 import socket
+import zlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -28,7 +31,7 @@ from kombu import serialization as kombu_serialization
 from kombu.exceptions import SerializerNotInstalled
 from kombu.utils import json as kombu_json
 
-from serve_queue.config import DEFAULT_ACCEPT
+from serve_queue.config import DEFAULT_ACCEPT, DEFAULT_MAX_DECOMPRESSED
 from serve_queue.errors import ContentDisallowed, DecodeError, EncodeError
 from serve_queue.types import Delivery, OutgoingMessage
 
@@ -128,22 +131,28 @@ class SendOptions:
 # ------------------------------------------------------------------------------------ decode
 
 
-def decode(delivery: Delivery, accept: Collection[str] = DEFAULT_ACCEPT) -> TaskMessage:
+def decode(
+    delivery: Delivery,
+    accept: Collection[str] = DEFAULT_ACCEPT,
+    max_decompressed: int = DEFAULT_MAX_DECOMPRESSED,
+) -> TaskMessage:
     """Decode a delivery into a ``TaskMessage``.
 
     ``accept`` holds serializer names (``"json"``, ``"pickle"``, ...) and/or content types.
-    Raises ``ContentDisallowed`` for a content type not accepted and ``DecodeError`` for anything
-    else; never any other exception, whatever the bytes.
+    A compressed body may expand to at most ``max_decompressed`` bytes (a decompression bomb
+    is refused before it is held in memory). Raises ``ContentDisallowed`` for a content type
+    not accepted and ``DecodeError`` for anything else; never any other exception, whatever
+    the bytes.
     """
     try:
-        return _decode(delivery, accept)
+        return _decode(delivery, accept, max_decompressed)
     except DecodeError:
         raise
     except Exception as exc:  # whatever is wrong with a message, it is a DecodeError
         raise DecodeError(f"malformed message: {_describe(exc)}") from exc
 
 
-def _decode(delivery: Delivery, accept: Collection[str]) -> TaskMessage:
+def _decode(delivery: Delivery, accept: Collection[str], max_decompressed: int) -> TaskMessage:
     if delivery.envelope_error is not None:
         raise DecodeError(f"envelope: {delivery.envelope_error}")
     headers = delivery.headers
@@ -151,7 +160,9 @@ def _decode(delivery: Delivery, accept: Collection[str]) -> TaskMessage:
         raise DecodeError(f"envelope: headers must be a mapping, got {type(headers).__name__}")
     compression = _field(headers, "compression", str)
     _require_accepted(delivery.content_type, accept)
-    data = delivery.body if compression is None else _decompress_body(delivery.body, compression)
+    data = delivery.body
+    if compression is not None:
+        data = _decompress_body(delivery.body, compression, max_decompressed)
     body = _deserialize(data, delivery.content_type, delivery.content_encoding)
     if "task" in headers:
         if isinstance(body, dict):  # hybrid: v2 headers, v1-style body
@@ -370,14 +381,57 @@ def _deserialize(data: Any, content_type: str, content_encoding: Any) -> Any:
         raise DecodeError(f"undecodable body: {_describe(exc)}") from exc
 
 
-def _decompress_body(data: Any, compression: str) -> bytes:
+#: kombu's built-in codecs (by content type and alias), decompressed here in bounded steps
+_STREAMING: Final[Mapping[str, Callable[[], Any]]] = {
+    **dict.fromkeys(("application/x-gzip", "gzip", "zlib"), zlib.decompressobj),
+    **dict.fromkeys(("application/x-bz2", "bzip2", "bzip"), bz2.BZ2Decompressor),
+    **dict.fromkeys(("application/x-lzma", "lzma", "xz"), lzma.LZMADecompressor),
+}
+
+
+def _decompress_body(data: Any, compression: str, limit: int) -> bytes:
     try:
-        return _decompress(data, compression)
+        out = _bounded_decompress(bytes(data), compression, limit)
+    except DecodeError:
+        raise
     except KeyError:
         raise DecodeError(f"undecodable body: unknown compression {compression!r}") from None
     except Exception as exc:
         reason = f"cannot decompress ({compression}): {_describe(exc)}"
         raise DecodeError(f"undecodable body: {reason}") from exc
+    if len(out) > limit:
+        raise DecodeError(
+            f"undecodable body: {compression} body expands to more than {limit:,} bytes "
+            "(the consumer's max_decompressed_bytes)"
+        )
+    return out
+
+
+def _bounded_decompress(data: bytes, compression: str, limit: int) -> bytes:
+    """``data`` decompressed, stopping once it passes ``limit`` bytes (the caller refuses that
+    result). Codecs other than kombu's built-in three (brotli, zstd, ... when installed) have
+    no bounded API in kombu: they are decompressed whole and checked afterwards."""
+    make = _STREAMING.get(compression)
+    if make is None:
+        return _decompress(data, compression)
+    parts: list[bytes] = []
+    total, rest = 0, data
+    while True:  # one pass per stream (bzip2 and xz bodies may hold several, concatenated)
+        decompressor = make()
+        chunk = decompressor.decompress(rest, limit - total + 1)
+        parts.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            break
+        if not decompressor.eof:
+            raise DecodeError(
+                f"undecodable body: cannot decompress ({compression}): the data ends before "
+                "the end of its stream"
+            )
+        rest = decompressor.unused_data
+        if not rest or make is zlib.decompressobj:  # zlib, like zlib.decompress: one stream
+            break
+    return b"".join(parts)
 
 
 # ------------------------------------------------------------------------------------ encode

@@ -8,7 +8,9 @@ contract suite and the interop tests; this proves the engine's decisions.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +19,7 @@ import pytest
 from serve_queue import Reject, Retry, TaskFailed, TaskQueue, TaskTimeout, task
 from serve_queue.adapters.memory import MemoryBroker
 from serve_queue.consumer import Consumer
+from serve_queue.protocol import SendOptions, encode_task
 from serve_queue.testing import celery_message
 
 pytestmark = pytest.mark.timeout(30)
@@ -171,6 +174,25 @@ async def test_poison_input_is_dead_lettered_and_the_worker_keeps_serving(
     bodies = [d.body for d in broker_of(queue).dead_letters("celery.dlq")]
     assert b"\xff{not json" in bodies  # the original bytes are kept
     await adapter.close()
+
+
+async def test_a_decompression_bomb_is_dead_lettered_and_the_worker_keeps_serving(
+    queue: TaskQueue, handlers: Handlers
+) -> None:
+    sent = encode_task("tasks.add", [1, 2], {}, SendOptions(compression="zlib"), origin="t@h")
+    bomb = zlib.compress(b" " * 5_000_000)
+    async with queue.worker(handlers, max_decompressed_bytes=100_000, drain_timeout=1) as worker:
+        adapter = broker_of(queue).adapter()
+        await adapter.connect()
+        await adapter.publish("celery", dataclasses.replace(sent, body=bomb))
+        good = await queue.send_task("tasks.add", args=[1, 1], compression="zlib")
+        assert await good.get(timeout=5) == 2
+        await until(lambda: worker.stats.dead_lettered["undecodable"] == 1)
+        await adapter.close()
+    [dead] = broker_of(queue).dead_letters("celery.dlq")
+    assert dead.body == bomb  # kept as it came, for a person to look at
+    assert "expands to more than 100,000 bytes" in dead.reason
+    await queue.close()
 
 
 async def test_expired_messages_are_revoked_not_run(

@@ -9,12 +9,15 @@ random or mutated input must only ever raise ``DecodeError``/``ContentDisallowed
 from __future__ import annotations
 
 import base64
+import bz2
 import contextlib
 import copy
 import json
+import lzma
 import math
 import random
 import time as clock
+import tracemalloc
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -250,6 +253,60 @@ def test_compressed_body_decodes(transport: str) -> None:
     message = decode(cap.delivery)
     assert (message.args, message.compression) == ([2, 3], "application/x-gzip")
     assert message.content_type == "application/json"
+
+
+COMPRESSORS = {"zlib": zlib.compress, "bzip2": bz2.compress, "lzma": lzma.compress}
+DECOMPRESSORS = {"zlib": zlib.decompress, "bzip2": bz2.decompress, "lzma": lzma.decompress}
+
+
+def _compressed(codec: str, body: bytes | None = None) -> Delivery:
+    """A task compressed with ``codec`` as Celery sends it (``body``: other compressed bytes
+    in place of its own)."""
+    message = encode_task("tasks.add", [2, 3], {}, SendOptions(compression=codec), origin="t@h")
+    return Delivery(body if body is not None else message.body, message.content_type,
+                    message.content_encoding, dict(message.headers), message.properties,
+                    "celery", False, None)  # fmt: skip
+
+
+@pytest.mark.parametrize("codec", sorted(COMPRESSORS))
+def test_a_compressed_body_may_expand_up_to_the_limit_and_not_beyond(codec: str) -> None:
+    delivery = _compressed(codec)
+    size = len(DECOMPRESSORS[codec](delivery.body))
+    assert decode(delivery, max_decompressed=size).args == [2, 3]
+    with pytest.raises(DecodeError) as refused:
+        decode(delivery, max_decompressed=size - 1)
+    assert str(refused.value) == (
+        f"undecodable body: {delivery.headers['compression']} body expands to more than "
+        f"{size - 1:,} bytes (the consumer's max_decompressed_bytes)"
+    )
+
+
+@pytest.mark.parametrize("codec", sorted(COMPRESSORS))
+def test_a_decompression_bomb_is_refused_without_being_expanded(codec: str) -> None:
+    bomb = _compressed(codec, COMPRESSORS[codec](b" " * 30_000_000))  # 30 MB in a few kB
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodeError, match="expands to more than 1,048,576 bytes"):
+            decode(bomb, max_decompressed=1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20  # the limit and the codec's state (xz: an 8 MiB dictionary), not 30 MB
+
+
+def test_concatenated_bzip2_streams_decode_and_count_against_one_limit() -> None:
+    plain = bz2.decompress(_compressed("bzip2").body)
+    two = _compressed("bzip2", bz2.compress(plain[:10]) + bz2.compress(plain[10:]))
+    assert decode(two).args == [2, 3]
+    with pytest.raises(DecodeError, match="expands to more than"):
+        decode(two, max_decompressed=len(plain) - 1)
+
+
+@pytest.mark.parametrize("codec", sorted(COMPRESSORS))
+def test_a_truncated_compressed_body_is_undecodable(codec: str) -> None:
+    whole = _compressed(codec).body
+    with pytest.raises(DecodeError, match="undecodable body: cannot decompress"):
+        decode(_compressed(codec, whole[: len(whole) // 2]))
 
 
 @pytest.mark.parametrize("cap", NOT_JSON, ids=lambda c: c.label)

@@ -170,8 +170,7 @@ class RabbitBench:
             with _channel(url) as channel:
                 _refill(channel, "bench.noop", count + WARM_UP)
 
-            def drain() -> float:
-                alive = lambda: serve_bench.alive  # noqa: E731
+            def drain(alive: Callable[[], bool]) -> float:
                 return _timed_drain(label, alive, count, lambda: int(results.dbsize()))
 
             elapsed = serve_bench.deployed_drain(bench, app, url, drain)

@@ -91,22 +91,28 @@ class ServeBench:
         self._reply(180.0, "starting Ray")
 
     def _reply(self, timeout: float, doing: str) -> None:
+        if not self._answer(timeout, doing):
+            self.close()
+            raise RunFailed(f"the Ray Serve driver did not answer within {timeout:.0f}s ({doing})")
+
+    def _answer(self, timeout: float, doing: str) -> bool:
+        """Whether the driver said ``@@ ok`` within ``timeout`` seconds (0: only look);
+        RunFailed if it answered with an error or exited."""
         proc = self.proc
         assert proc is not None and proc.stdout is not None
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([proc.stdout], [], [], left)
             if not ready:
-                break
+                return False
             line = proc.stdout.readline()
             if not line:
                 raise RunFailed(f"the Ray Serve driver exited while {doing} (see its log)")
             if line.startswith("@@ ok"):
-                return
+                return True
             if line.startswith("@@ error"):
                 raise RunFailed(f"{doing}: {line[9:].strip()}")
-        self.close()
-        raise RunFailed(f"the Ray Serve driver did not answer within {timeout:.0f}s ({doing})")
 
     def _call(self, command: str, timeout: float) -> None:
         self._send(command)
@@ -125,16 +131,24 @@ class ServeBench:
         return self.proc is not None and self.proc.poll() is None
 
     def deployed_drain(
-        self, bench: Bench, app: str, broker: str, drain: Callable[[], float]
+        self, bench: Bench, app: str, broker: str, drain: Callable[[Callable[[], bool]], float]
     ) -> float:
-        """Deploy ``app`` consuming ``broker`` and time ``drain()`` (which starts at once, so
-        a backlog the replica starts on while Serve still reports it deploying is timed
-        from its warm-up on), then delete the app."""
+        """Deploy ``app`` consuming ``broker`` and time ``drain(alive)`` (which starts at once,
+        so a backlog the replica starts on while Serve still reports it deploying is timed
+        from its warm-up on; ``alive()`` raises RunFailed as soon as the deploy failed), then
+        delete the app."""
         self._ensure(bench)
-        self._send(f"deploy {app} {broker}")
+        doing, deployed = f"deploy {app}", [False]
+        self._send(f"{doing} {broker}")
+
+        def alive() -> bool:
+            deployed[0] = deployed[0] or self._answer(0.0, doing)
+            return self.alive
+
         try:
-            elapsed = drain()
-            self._reply(180.0, f"deploy {app}")
+            elapsed = drain(alive)
+            if not deployed[0]:
+                self._reply(180.0, doing)
         finally:
             self._call("delete", 120.0)
         return elapsed

@@ -418,7 +418,12 @@ def _bounded_decompress(data: bytes, compression: str, limit: int) -> bytes:
     total, rest = 0, data
     while True:  # one pass per stream (bzip2 and xz bodies may hold several, concatenated)
         decompressor = make()
-        chunk = decompressor.decompress(rest, limit - total + 1)
+        try:
+            chunk = decompressor.decompress(rest, limit - total + 1)
+        except (OSError, lzma.LZMAError):
+            if parts:  # bytes after a whole stream that start no other are ignored, as
+                break  # bz2.decompress and lzma.decompress (kombu's decoders) ignore them
+            raise
         parts.append(chunk)
         total += len(chunk)
         if total > limit:

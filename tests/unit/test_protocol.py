@@ -303,6 +303,14 @@ def test_concatenated_bzip2_streams_decode_and_count_against_one_limit() -> None
 
 
 @pytest.mark.parametrize("codec", sorted(COMPRESSORS))
+def test_bytes_after_the_compressed_stream_are_ignored_as_kombu_does(codec: str) -> None:
+    whole = _compressed(codec).body
+    padded = _compressed(codec, whole + b"trailing junk")
+    assert DECOMPRESSORS[codec](padded.body) == DECOMPRESSORS[codec](whole)  # kombu's decoders
+    assert decode(padded).args == [2, 3]
+
+
+@pytest.mark.parametrize("codec", sorted(COMPRESSORS))
 def test_a_truncated_compressed_body_is_undecodable(codec: str) -> None:
     whole = _compressed(codec).body
     with pytest.raises(DecodeError, match="undecodable body: cannot decompress"):

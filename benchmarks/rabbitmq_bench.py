@@ -18,8 +18,8 @@ Inside Ray Serve (``serve``), the backlog is published first and the replica dep
 the clock starts when the warm-up's results are stored, whether or not Serve has reported the
 deployment done by then.
 
-Scenarios: ``noop``, ``noop_results``, ``io``, ``enqueue``, ``latency``, ``serve``, ``memory``:
-all of those on Redis.
+Scenarios: ``noop``, ``noop_results``, ``io``, ``enqueue``, ``latency``, ``serve``, ``memory``,
+the same seven as on Redis.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any
 from benchmarks.harness import RESULTS_DB, Bench, Consumer, RunFailed, celery_argv, python_argv
 from benchmarks.scenarios import (
     Enough,
+    RssSampler,
     Scenario,
     Side,
     Size,
@@ -140,17 +141,15 @@ class RabbitBench:
                     bench.stop_consumer(consumer)
                 _refill(channel, "bench.noop", count)
                 consumer = bench.start_consumer(label, argv_for(url, ""))
-                samples: list[tuple[float, int, int]] = []
-                limit = timeout_for(count) if ours else size.memory_peer_s
+                sampler = RssSampler(consumer, timeout_for(count) if ours else size.memory_peer_s)
+                sample = sampler if ours else sampler.bounded
                 started, drained = time.perf_counter(), True
                 try:
                     while (done := count - _ready(channel)) < count:
                         elapsed = time.perf_counter() - started
-                        samples.append((elapsed, done, consumer.rss()))
-                        if elapsed > limit:
-                            if ours:
-                                raise RunFailed(f"did not drain {count} in {limit:.0f}s")
-                            raise Enough
+                        sample(elapsed, done)
+                        if elapsed > sampler.limit:
+                            raise RunFailed(f"did not drain {count} in {sampler.limit:.0f}s")
                         if not consumer.process.alive():
                             raise RunFailed(f"{label} exited during the drain")
                         time.sleep(0.1)
@@ -158,7 +157,7 @@ class RabbitBench:
                     drained = False
                 finally:
                     bench.stop_consumer(consumer)
-            return memory_stats(idle, samples, count, drained)
+            return memory_stats(idle, sampler.samples, count, drained)
 
         return Side(label, run, ours=ours)
 

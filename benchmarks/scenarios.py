@@ -397,35 +397,46 @@ def memory_side(label: str, argv: list[str], ours: bool) -> Run:
         consumer = bench.start_consumer(label, argv)
         try:
             idle = idle_rss(consumer)
-            samples: list[tuple[float, int, int]] = []
-            limit = timeout_for(count) if ours else size.memory_peer_s
-            last = [0.0]
-
-            def sample(elapsed: float, done: int) -> None:
-                if elapsed - last[0] >= 0.1:
-                    last[0] = elapsed
-                    samples.append((elapsed, done, consumer.rss()))
-                if not ours and elapsed > limit:
-                    raise Enough
-
+            sampler = RssSampler(consumer, timeout_for(count) if ours else size.memory_peer_s)
             drained = True
             try:
-                bench.drain(
-                    count, results=False, timeout=limit, consumer=consumer, on_sample=sample
-                )
+                bench.drain(count, results=False, timeout=sampler.limit, consumer=consumer,
+                            on_sample=sampler if ours else sampler.bounded)  # fmt: skip
             except (Enough, RunFailed):
                 if ours:
                     raise
                 drained = False
         finally:
             bench.stop_consumer(consumer)
-        return memory_stats(idle, samples, count, drained)
+        return memory_stats(idle, sampler.samples, count, drained)
 
     return run
 
 
 class Enough(Exception):
     """A peer was sampled long enough (it need not drain the whole backlog)."""
+
+
+class RssSampler:
+    """The memory scenario's samples ``(elapsed, processed, RSS)``, one per 0.1 s at most.
+    ``limit``: seconds ours may take to drain; how long a peer is sampled (``bounded``)."""
+
+    def __init__(self, consumer: Any, limit: float) -> None:
+        self.consumer = consumer
+        self.limit = limit
+        self.samples: list[tuple[float, int, int]] = []
+        self._last = 0.0
+
+    def __call__(self, elapsed: float, done: int) -> None:
+        if elapsed - self._last >= 0.1:
+            self._last = elapsed
+            self.samples.append((elapsed, done, self.consumer.rss()))
+
+    def bounded(self, elapsed: float, done: int) -> None:
+        """Sample, then raise ``Enough`` once the peer was sampled for ``limit`` seconds."""
+        self(elapsed, done)
+        if elapsed > self.limit:
+            raise Enough
 
 
 def idle_rss(consumer: Any, seconds: float = 2.0) -> int:

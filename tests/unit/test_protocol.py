@@ -12,6 +12,7 @@ import base64
 import bz2
 import contextlib
 import copy
+import dataclasses
 import json
 import lzma
 import math
@@ -39,6 +40,7 @@ from serve_queue.protocol import (
     encode_task,
     loads,
 )
+from serve_queue.testing import make_delivery
 from serve_queue.types import Delivery, OutgoingMessage
 from tests.unit.fixtures_util import (
     TRANSPORT_PROPERTIES,
@@ -263,9 +265,7 @@ def _compressed(codec: str, body: bytes | None = None) -> Delivery:
     """A task compressed with ``codec`` as Celery sends it (``body``: other compressed bytes
     in place of its own)."""
     message = encode_task("tasks.add", [2, 3], {}, SendOptions(compression=codec), origin="t@h")
-    return Delivery(body if body is not None else message.body, message.content_type,
-                    message.content_encoding, dict(message.headers), message.properties,
-                    "celery", False, None)  # fmt: skip
+    return make_delivery(message if body is None else dataclasses.replace(message, body=body))
 
 
 @pytest.mark.parametrize("codec", sorted(COMPRESSORS))

@@ -1,6 +1,6 @@
 """The benchmark harness works end to end (a smoke check, never a speed check).
 
-Runs ``python -m benchmarks.run --quick`` on two cheap scenarios per broker in a subprocess
+Runs ``python -m benchmarks.run --quick`` on a few cheap scenarios per broker in a subprocess
 (its own redis-server and, for RabbitMQ, its own node; our consumer and a Celery worker as
 subprocesses) and checks that it exits 0 and writes the raw runs and a plot. No timing is
 asserted: benchmarks are not tests.
@@ -23,7 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize(
     ("broker", "names", "plot"),
-    [("redis", ["noop", "enqueue"], "throughput.png"), ("rabbitmq", ["memory"], "memory.png")],
+    [
+        ("redis", ["noop", "enqueue"], "throughput.png"),
+        ("rabbitmq", ["noop", "enqueue", "memory"], "memory.png"),  # the bare-client sides too
+    ],
 )
 def test_quick_benchmark_writes_results_and_plots(
     tmp_path: Path, request: pytest.FixtureRequest, broker: str, names: list[str], plot: str

@@ -10,11 +10,16 @@ Time limits, as in Celery but in asyncio terms:
 - hard limit: the call is abandoned and ``TimeLimitExceeded`` is raised at once. An async
   handler is cancelled; a thread cannot be killed, so a runaway sync handler keeps its thread
   until it returns (the pool is bounded, so this is visible as reduced capacity).
+
+A sync handler's limits count from the moment a pool thread starts the call: waiting for a
+free thread is queueing, not running, so a saturated pool never times out a task that has not
+started. Without limits the call goes straight to the pool (no start signal is made).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -63,16 +68,44 @@ class Executor:
         time_limit: float | None = None,
     ) -> Any:
         """Call ``func(*args, **kwargs)`` and return its result, honouring the time limits."""
-        if is_async:
-            coro: Awaitable[Any] = func(*args, **kwargs)
-        else:
-            coro = self.run_sync(func, *args, **kwargs)
         if soft_time_limit is None and time_limit is None:
-            return await coro
-        return await _with_limits(coro, is_async, soft_time_limit, time_limit)
+            if is_async:
+                return await func(*args, **kwargs)
+            return await self.run_sync(func, *args, **kwargs)
+        if is_async:
+            return await _with_limits(func(*args, **kwargs), True, soft_time_limit, time_limit)
+        running = await self._started_on_pool(func, args, kwargs)
+        return await _with_limits(running, False, soft_time_limit, time_limit)
+
+    async def _started_on_pool(
+        self, func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> asyncio.Future[Any]:
+        """Submit ``func`` to the pool and return its future once a thread has begun the call
+        (or once it finished or was cancelled before any thread took it)."""
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[None] = loop.create_future()
+        context = contextvars.copy_context()
+
+        def begin() -> Any:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+                loop.call_soon_threadsafe(_resolve, started)
+            return context.run(func, *args, **kwargs)
+
+        future = loop.run_in_executor(self._pool, begin)
+        try:
+            await asyncio.wait({started, future}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            future.cancel()  # still queued: never runs; already running: abandoned
+            raise
+        return future
 
     def shutdown(self, *, wait: bool = False) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=True)
+
+
+def _resolve(started: asyncio.Future[None]) -> None:
+    if not started.done():
+        started.set_result(None)
 
 
 async def _with_limits(

@@ -126,3 +126,52 @@ async def test_results_and_exceptions_pass_through() -> None:
         await executor.run(boom, True, [], {})
     assert await executor.run(pow, False, [2, 10], {}, time_limit=5) == 1024
     executor.shutdown()
+
+
+async def test_sync_time_limits_do_not_count_the_wait_for_a_thread() -> None:
+    """A saturated pool queues calls; their limits start when a thread begins each one."""
+    executor = Executor(threads=1)
+    first_running = threading.Event()
+    release = threading.Event()
+    ran: list[str] = []
+
+    def hold() -> str:
+        first_running.set()
+        release.wait(10)  # holds the only thread until the test lets go
+        ran.append("hold")
+        return "held"
+
+    def quick() -> str:
+        ran.append("quick")
+        return "quick"
+
+    first = asyncio.create_task(executor.run(hold, False, [], {}))
+    await asyncio.to_thread(first_running.wait, 10)
+    # queued behind ``hold`` for far longer than its own limits allow
+    second = asyncio.create_task(
+        executor.run(quick, False, [], {}, soft_time_limit=0.05, time_limit=0.1)
+    )
+    done, _ = await asyncio.wait({second}, timeout=0.5)
+    assert not done  # still waiting for the thread: not timed out
+    release.set()
+    assert await first == "held"
+    assert await second == "quick"
+    assert ran == ["hold", "quick"]
+    executor.shutdown()
+
+
+async def test_a_queued_sync_call_cancelled_before_it_starts_never_runs() -> None:
+    executor = Executor(threads=1)
+    release = threading.Event()
+    ran: list[str] = []
+    first = asyncio.create_task(executor.run(release.wait, False, [10], {}))
+    queued = asyncio.create_task(executor.run(ran.append, False, ["queued"], {}, time_limit=5))
+    await asyncio.sleep(0)  # both calls are submitted: the second waits for the thread
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    release.set()
+    assert await first is True
+    await executor.run(ran.append, False, ["after"], {}, time_limit=5)
+    assert ran == ["after"]
+    executor.shutdown()

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from serve_queue import results as results_mod
-from serve_queue.adapters import open_adapter
+from serve_queue.adapters import check_scheme, open_adapter
 from serve_queue.config import BrokerURL, ConsumerConfig, RetryPolicy
 from serve_queue.consumer import Consumer
 from serve_queue.errors import ConfigurationError
@@ -43,10 +43,12 @@ def _default_broker() -> str:
 class TaskQueue:
     """Where tasks go and where their results are kept.
 
-    ``broker``: a URL (``redis://``, ``amqp://``, ``sqs://``, ``sqlite:///path``,
-    ``memory://``); none means the embedded SQLite broker (one machine, no server).
+    ``broker``: a URL (``redis://``, ``amqp://``, ``sqlite:///path``, ``memory://``); none
+    means the embedded SQLite broker (one machine, no server).
     ``results``: a result-backend URL; none means the broker's own database for the embedded
     broker and no result storage otherwise (as in Celery); ``"none"`` disables it explicitly.
+    A scheme nothing here serves (``sqs://`` has no adapter yet), or whose client library is
+    not installed, raises ``ConfigurationError`` / ``MissingDependency`` here, not at first use.
     ``broker_options`` go to the adapter (e.g. ``visibility_timeout``), ``result_options`` to
     the result backend (e.g. ``result_ttl``).
     """
@@ -66,6 +68,9 @@ class TaskQueue:
         if results is None and self.broker_url.scheme == "sqlite":
             results = self.broker_url.render(reveal=True)
         self.results_url = None if results in (None, "none") else BrokerURL.parse(results)
+        check_scheme(self.broker_url.scheme)
+        if self.results_url is not None:
+            self._check_results(self.results_url.scheme)
         self.default_queue = default_queue
         self.serializer = serializer
         self.broker_options = dict(broker_options or {})
@@ -106,11 +111,19 @@ class TaskQueue:
             return self._rpc_results()
         return results_mod.open_result_backend(self.results_url, **self.result_options)
 
+    def _check_results(self, scheme: str) -> None:
+        if scheme == "rpc":
+            if self.broker_url.scheme not in ("amqp", "amqps", "pyamqp"):
+                raise ConfigurationError(
+                    f"rpc:// results need an AMQP broker, not {self.broker_url}"
+                )
+            return
+        results_mod.check_result_scheme(scheme)
+
     def _rpc_results(self) -> ResultBackend:
         """Celery's ``rpc://`` backend: results travel as AMQP messages over the broker's own
         connection settings to the caller's reply queue (``rpc://`` names no server)."""
-        if self.broker_url.scheme not in ("amqp", "amqps", "pyamqp"):
-            raise ConfigurationError(f"rpc:// results need an AMQP broker, not {self.broker_url}")
+        self._check_results("rpc")
         from serve_queue.adapters.rabbitmq import RPCResultBackend
 
         return RPCResultBackend(self.broker_url, **self.result_options)

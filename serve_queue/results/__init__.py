@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from serve_queue.adapters import require_extra
 from serve_queue.config import BrokerURL
 from serve_queue.errors import ConfigurationError, MissingDependency
 from serve_queue.results.local import MemoryResultBackend, NullResultBackend
@@ -62,6 +63,7 @@ __all__ = [
     "MemoryResultBackend",
     "NullResultBackend",
     "RedisResultBackend",
+    "check_result_scheme",
     "decode_meta",
     "encode_exception",
     "encode_meta",
@@ -93,10 +95,24 @@ RESULT_SCHEMES: dict[str, tuple[str, str, str | None] | None] = {
 }
 
 
-def _backend_class(scheme: str) -> type[Any]:
+def check_result_scheme(scheme: str) -> None:
+    """Raise now what ``open_result_backend`` would raise for ``scheme``, importing nothing:
+    ``ConfigurationError`` for a scheme no backend serves, ``MissingDependency`` when the
+    backend's client is not installed. (``rpc://`` is checked against the broker by
+    ``TaskQueue``: it needs an AMQP one.)"""
     if scheme not in RESULT_SCHEMES:
         known = ", ".join(sorted([*RESULT_SCHEMES, "none"]))
-        raise ConfigurationError(f"unknown result backend scheme {scheme!r} (known: {known})")
+        raise ConfigurationError(
+            f"unknown result backend scheme {scheme!r} (supported: {known}; Celery's other "
+            "backends, e.g. database, mongodb or s3, have no serve_queue equivalent yet)"
+        )
+    entry = RESULT_SCHEMES[scheme]
+    if entry is not None and entry[2] is not None:
+        require_extra(entry[2])
+
+
+def _backend_class(scheme: str) -> type[Any]:
+    check_result_scheme(scheme)
     entry = RESULT_SCHEMES[scheme]
     if entry is None:
         raise ConfigurationError(

@@ -1,12 +1,21 @@
-"""Settings: URL parsing, and a password never shown in reprs, errors or logs."""
+"""Settings: URL parsing, schemes refused when the queue is built, and a password never shown
+in reprs, errors or logs."""
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 
-from serve_queue import BrokerUnavailable, BrokerURL, ConfigurationError, TaskQueue, task
+from serve_queue import (
+    BrokerUnavailable,
+    BrokerURL,
+    ConfigurationError,
+    MissingDependency,
+    TaskQueue,
+    task,
+)
 from serve_queue.config import ConsumerConfig, RetryPolicy, redact_url
 
 SECRET = "s3cr3t-p@ss"
@@ -51,9 +60,55 @@ def test_task_queue_repr_and_pickle_hide_nothing_they_should_not() -> None:
     assert "s3cr3t" not in repr(queue)
 
 
-def test_unknown_scheme_and_bad_consumer_settings() -> None:
-    with pytest.raises(ConfigurationError, match="unknown broker scheme 'kafka'"):
-        TaskQueue("kafka://h").open_adapter()
+SUPPORTED = "supported: amqp, amqps, memory, pyamqp, redis, rediss, sqlite"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("kafka://h", "unknown broker scheme 'kafka'"),
+        ("sqs://key:secret@", "broker scheme 'sqs' is not supported: there is no SQS adapter yet"),
+        ("kombu+sqs://", "'kombu+sqs' is not supported: there is no generic kombu-transport"),
+    ],
+)
+def test_a_broker_scheme_nothing_serves_fails_at_construction(url: str, says: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        TaskQueue(url)
+    assert says in str(info.value)
+    assert SUPPORTED in str(info.value)
+    assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "blocked", "extra"),
+    [
+        ("amqp://guest:guest@127.0.0.1:5672//", "aio_pika", "rabbitmq"),
+        ("rediss://127.0.0.1:6379/0", "redis", "redis"),
+    ],
+)
+def test_a_broker_without_its_client_names_the_extra_at_construction(
+    monkeypatch: pytest.MonkeyPatch, url: str, blocked: str, extra: str
+) -> None:
+    monkeypatch.setitem(sys.modules, blocked, None)  # as if not installed: import fails
+    with pytest.raises(MissingDependency, match=rf"pip install 'serve-queue\[{extra}\]'"):
+        TaskQueue(url)
+
+
+def test_a_results_url_nothing_serves_fails_at_construction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(ConfigurationError, match="unknown result backend scheme 'mongodb'"):
+        TaskQueue("memory://", results="mongodb://h/")
+    with pytest.raises(ConfigurationError, match="rpc:// results need an AMQP broker"):
+        TaskQueue("memory://", results="rpc://")
+    assert TaskQueue("amqp://guest:guest@127.0.0.1:5672//", results="rpc://").results_url
+    assert TaskQueue("memory://", results="none").results_url is None
+    monkeypatch.setitem(sys.modules, "redis", None)
+    with pytest.raises(MissingDependency, match=r"serve-queue\[redis\]"):
+        TaskQueue("memory://", results="redis://127.0.0.1:6379/1")
+
+
+def test_bad_consumer_settings() -> None:
     with pytest.raises(ConfigurationError, match="concurrency"):
         TaskQueue("memory://").worker(concurrency=0)
 

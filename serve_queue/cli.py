@@ -5,7 +5,8 @@
     serve-queue depth --broker redis://... --queue celery
 
 ``worker`` runs until SIGTERM or SIGINT, then drains (``--drain-timeout``). ``--broker``
-defaults to ``$SERVE_QUEUE_BROKER``, then the embedded SQLite broker.
+defaults to ``$SERVE_QUEUE_BROKER``, then the embedded SQLite broker. JSON is always accepted;
+each ``--accept`` adds a serializer to it (``--accept msgpack`` takes JSON and msgpack).
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def _queue(args: argparse.Namespace) -> TaskQueue:
     )
 
 
+def accept_content(extra: Sequence[str] | None) -> tuple[str, ...]:
+    """What a worker accepts: JSON, the baseline, plus every serializer ``--accept`` named."""
+    return tuple(dict.fromkeys(["json", *(extra or ())]))
+
+
 async def _run_worker(args: argparse.Namespace) -> int:
     handlers = load_handlers(args.handlers)
     worker = _queue(args).worker(
@@ -61,7 +67,7 @@ async def _run_worker(args: argparse.Namespace) -> int:
         threads=args.threads,
         drain_timeout=args.drain_timeout,
         acks=args.acks,
-        accept_content=tuple(args.accept),
+        accept_content=accept_content(args.accept),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -115,7 +121,14 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--visibility-timeout", type=float, default=None, help="lease in seconds (broker default)"
     )
-    worker.add_argument("--accept", action="append", default=None, help="serializer to accept")
+    worker.add_argument(
+        "--accept",
+        action="append",
+        default=None,
+        metavar="SERIALIZER",
+        help="also accept this serializer or content type (repeatable), e.g. msgpack, yaml, "
+        "pickle; JSON is always accepted, --accept adds to it",
+    )
     send = sub.add_parser("send", parents=[common], help="enqueue one task")
     send.add_argument("name")
     send.add_argument("--args", default="[]", help="JSON list")
@@ -128,8 +141,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.queue = args.queue or ["celery"]
-    if getattr(args, "accept", None) is None:
-        args.accept = ["json"]
     logging.basicConfig(
         level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -1,4 +1,9 @@
-"""The Celery peer itself works on every broker, so interop failures point at serve_queue."""
+"""The Celery peer itself works on every broker serve_queue has an adapter for, so interop
+failures point at serve_queue.
+
+SQS is not among them: there is no SQS adapter yet (``TaskQueue("sqs://...")`` is refused),
+so a Celery-on-SQS check would test Celery alone; add it back with the adapter.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,9 @@ from tests.servers import RedisServer
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
 
-@pytest.fixture(params=["redis", "amqp", "sqs"])
+@pytest.fixture(params=["redis", "amqp"])
 def broker_url(request: pytest.FixtureRequest) -> str:
-    fixture = {"redis": "redis_url", "amqp": "amqp_url", "sqs": "sqs_url"}[request.param]
+    fixture = {"redis": "redis_url", "amqp": "amqp_url"}[request.param]
     url: str = request.getfixturevalue(fixture)
     return url
 

@@ -2,6 +2,8 @@
 
 The order of events is the delivery promise of design.md §6:
 
+- a chord header task is refused before anything runs (``serve_queue.canvas``: FAILURE stored,
+  dead-lettered as ``chord-unsupported``, warned once per chord);
 - a message that cannot be a task (undecodable, unknown name, arguments that do not bind or
   validate) is dead-lettered with its original bytes and a reason, counted and logged once;
   where Celery would write a FAILURE (unknown task, bad arguments) so do we, so a client
@@ -29,6 +31,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from serve_queue import protocol, results
+from serve_queue.canvas import CanvasGuard, Refusal
 from serve_queue.config import ConsumerConfig
 from serve_queue.errors import (
     EncodeError,
@@ -101,6 +104,7 @@ class Dispatcher:
         self.hostname = hostname
         self.origin = f"gen{os.getpid()}@{hostname.rpartition('@')[2]}"
         self.stats = Stats()
+        self.canvas = CanvasGuard()
         #: results are off: skip building metas that would only be thrown away
         self._discard = isinstance(backend, results.NullResultBackend)
 
@@ -118,6 +122,9 @@ class Dispatcher:
             )
         except MessageError as exc:
             return self._dead_letter(delivery, "undecodable", exc)
+        refusal = self.canvas.refusal(message)  # None unless the message carries a chord
+        if refusal is not None:
+            return await self._refuse(message, refusal)
         try:
             handler = self.registry.get(message.name)
         except UnknownTask as exc:
@@ -298,18 +305,29 @@ class Dispatcher:
             children.append([[outgoing.headers["id"], None], None])
         return children
 
+    async def _refuse(self, message: TaskMessage, refusal: Refusal) -> DeadLetter:
+        """Store the refusal's FAILUREs and dead-letter the message (canvas logged it)."""
+        for task_id, meta in refusal.failures:
+            await self._store_quietly(message, meta, task_id=task_id)
+        self.stats.dead_lettered[refusal.kind] += 1
+        return DeadLetter(reason=f"{refusal.kind}: {refusal.error}")
+
     async def _store(self, message: TaskMessage, meta: Mapping[str, Any], ignore: bool) -> None:
         if not ignore:
             await self.backend.store(message.id, meta, reply_to=_reply_to(message))
 
-    async def _store_quietly(self, message: TaskMessage, meta: Mapping[str, Any]) -> None:
-        """Store a meta for a message that is being discarded; a failure only logs."""
+    async def _store_quietly(
+        self, message: TaskMessage, meta: Mapping[str, Any], *, task_id: str | None = None
+    ) -> None:
+        """Store a meta (for ``task_id``, default the message's) for a message that is being
+        discarded; a failure only logs."""
         if message.ignore_result:
             return
+        task_id = task_id or message.id
         try:
-            await self.backend.store(message.id, meta, reply_to=_reply_to(message))
+            await self.backend.store(task_id, meta, reply_to=_reply_to(message))
         except ServeQueueError as exc:
-            log.warning("task %s: could not store %s: %s", message.id, meta.get("status"), exc)
+            log.warning("task %s: could not store %s: %s", task_id, meta.get("status"), exc)
 
     async def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
         try:

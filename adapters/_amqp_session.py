@@ -5,8 +5,11 @@ channel dies (connection lost, channel closed by the broker) the broker requeues
 that was unacked on it; the session is then ``dead`` and settling any of its deliveries is a
 no-op, so nothing from a dead channel is ever settled twice (or on the wrong channel).
 
-Acks decided in the same event-loop tick are sent together: one ``basic.ack(multiple=True)``
-for every acked tag below the lowest tag still unsettled, single acks for the others.
+Settles have one owner per channel: ``ack`` and ``nack`` only record a decision in the
+session's ``SettleLedger`` (``_amqp_settle``) and wait; a single writer task turns the decisions
+of one loop tick into frames (one ``basic.ack(multiple=True)`` for the lowest outstanding tags
+when they are all acked, single frames for the rest) and sends them before it plans the next
+batch, so no frame ever names a tag that an earlier frame already settled.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from aio_pika.abc import AbstractChannel
 from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
 
 from serve_queue.adapters._amqp_link import QUIET
+from serve_queue.adapters._amqp_settle import Frame, SettleLedger
 
 __all__ = ["ConsumeSession", "Held"]
 
@@ -68,8 +72,9 @@ class ConsumeSession:
         self._raw = raw
         self._buffer: deque[DeliveredMessage] = deque()
         self._out: set[int] = set()  # handed out, not settled
-        self._pending: list[int] = []  # acked, frame not yet sent
-        self._flush: asyncio.Future[None] | None = None
+        self._ledger = SettleLedger()  # what the broker still counts as unacked on the channel
+        self._batch: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._writer: asyncio.Task[None] | None = None  # the one sender of settle frames
         self._changed = asyncio.Event()
         self._stopping = False
         self._queues: dict[str, str] = {}  # consumer tag -> queue
@@ -96,6 +101,7 @@ class ConsumeSession:
             return
         queue = self._queues.get(message.consumer_tag or "", message.routing_key or "")
         self.held[tag] = Held(queue, time.monotonic())
+        self._ledger.delivered(tag)
         self._buffer.append(message)
         self._changed.set()
 
@@ -104,6 +110,7 @@ class ConsumeSession:
         if not closing.cancelled():
             self.close_reason = closing.exception()
         self._changed.set()
+        self._release_waiters()
 
     async def next(self) -> tuple[DeliveredMessage, str] | None:
         """The next delivery once fewer than ``prefetch`` are out; None when the session ends."""
@@ -148,41 +155,57 @@ class ConsumeSession:
         return True
 
     async def ack(self, tag: int) -> None:
-        """Acknowledge ``tag`` (with others of this tick); a no-op once the channel is dead."""
-        if not self._take(tag):
-            return
-        self._pending.append(tag)
-        if self._flush is None:
-            self._flush = asyncio.ensure_future(self._send_acks())
-        await asyncio.shield(self._flush)
-        await self._retire()
-
-    async def _send_acks(self) -> None:
-        await asyncio.sleep(0)  # let the other settles of this tick join in
-        self._flush = None
-        tags, self._pending = sorted(self._pending), []
-        floor = min(self.held, default=None)
-        below = [t for t in tags if floor is None or t < floor]
-        above = tags[len(below) :]
-        try:
-            if below:
-                await self._raw.basic_ack(below[-1], multiple=len(below) > 1)
-            for tag in above:
-                await self._raw.basic_ack(tag)
-        except QUIET as exc:  # the channel is gone: the broker redelivers those messages
-            log.info("could not ack %d deliveries (channel lost): %s", len(tags), exc)
+        """Acknowledge ``tag`` (with the others of this tick); a no-op once the channel is
+        dead. Returns once the frame that settles it was written."""
+        await self._settle(tag, "ack")
 
     async def nack(self, tag: int) -> None:
         """Return ``tag`` to its queue now (``basic.nack`` with requeue), marked redelivered."""
-        if not self._take(tag):
+        await self._settle(tag, "nack")
+
+    async def _settle(self, tag: int, kind: Literal["ack", "nack"]) -> None:
+        if not self._take(tag) or not self._ledger.decide(tag, kind):
             return
-        with contextlib.suppress(*QUIET):
-            await self._raw.basic_nack(tag, requeue=True)
+        batch = self._batch
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write())
+        await asyncio.shield(batch)
         await self._retire()
+
+    async def _write(self) -> None:
+        """The channel's only sender of settle frames: plans the decisions made so far, sends
+        the plan's frames in order, and only then plans the next batch."""
+        await asyncio.sleep(0)  # let the other settles of this tick join in
+        while self._ledger.pending and not self.dead:
+            batch, self._batch = self._batch, asyncio.get_running_loop().create_future()
+            frames = self._ledger.plan()
+            try:
+                await self._send(frames)
+            except QUIET as exc:  # the channel is gone: the broker requeues those messages
+                log.info("could not settle %d deliveries (channel lost): %s", len(frames), exc)
+            finally:
+                if not batch.done():
+                    batch.set_result(None)
+        self._release_waiters()  # dead: nothing more is sent on this channel
+
+    async def _send(self, frames: list[Frame]) -> None:
+        """Queue every frame on the channel in order; wait for the socket after the last."""
+        for i, frame in enumerate(frames):
+            wait = i == len(frames) - 1
+            if frame.kind == "ack":
+                await self._raw.basic_ack(frame.tag, multiple=frame.multiple, wait=wait)
+            else:
+                await self._raw.basic_nack(frame.tag, requeue=True, wait=wait)
+
+    def _release_waiters(self) -> None:
+        """Once the channel is dead, wake the settles waiting on a batch no one will send."""
+        if self.dead and not self._batch.done():
+            self._batch.set_result(None)
 
     async def _retire(self) -> None:
         """Close the channel of a stopped session once nothing on it is left to settle."""
-        if self._stopping and not self.held and not self.dead:
+        idle = self._writer is None or self._writer.done()  # every decided frame was sent
+        if self._stopping and not self.held and not self.dead and idle:
             await self.close()
 
     async def stop(self) -> None:
@@ -197,14 +220,14 @@ class ConsumeSession:
                 await self._raw.basic_cancel(consumer_tag)
         buffered = [m.delivery_tag for m in self._buffer if m.delivery_tag is not None]
         self._buffer.clear()
-        for tag in buffered:
-            await self.nack(tag)
+        await asyncio.gather(*(self.nack(tag) for tag in buffered))
         await self._retire()
 
     def abandon(self) -> None:
         """Settle nothing more on this channel (it is about to close); wake the iterator."""
         self.dead = True
         self._changed.set()
+        self._release_waiters()
 
     async def close(self) -> None:
         """Close the channel: the broker requeues whatever is still unacked on it."""

@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import sys
 import time
 import uuid
@@ -557,3 +558,52 @@ class AdapterContract:
         assert {(d.queue, d.body) for d in got} == expected
         for delivery in got:
             await adapter.settle(delivery, Ack())
+
+    # -- m. a healthy consumer never redelivers ---------------------------------------------
+
+    @pytest.mark.timeout(120)
+    async def test_a_healthy_consumer_never_redelivers(self) -> None:
+        """A backlog taken a full prefetch at a time, finishing in bursts and out of order,
+        with requeues and dead-letters among the acks: every message is delivered once (a
+        requeued one once more), over several rounds. On AMQP a settle naming a tag that an
+        earlier ``multiple`` ack covered closes the channel and redelivers everything else."""
+        rng = random.Random(20261205)
+        queue = self.queue_name("once")
+        adapter = await self.open(visibility_timeout=60.0)
+        prefetch, per_round, rounds = 25, 120, 3
+        seen: dict[bytes, int] = {}
+        requeued: set[bytes] = set()
+        for round_no in range(rounds):
+            bodies = [f"r{round_no}-{i}".encode() for i in range(per_round)]
+            await self.publish_all(adapter, queue, bodies)  # a backlog before consuming
+            pump = self.consume(adapter, [queue], prefetch)
+            fates = {b: rng.choices(["ack", "requeue", "dead"], [90, 5, 5])[0] for b in bodies}
+            expected = per_round + sum(1 for f in fates.values() if f == "requeue")
+            running: list[asyncio.Task[None]] = []
+
+            async def finish(delivery: Delivery, pause: float, fate: str) -> None:
+                await asyncio.sleep(pause)  # the waves: many tasks end in the same tick
+                if fate == "requeue" and delivery.body not in requeued:
+                    requeued.add(delivery.body)
+                    await adapter.settle(delivery, Requeue())
+                elif fate == "dead":
+                    await adapter.settle(delivery, DeadLetter("contract: burst"))
+                else:
+                    await adapter.settle(delivery, Ack())
+
+            for _ in range(expected):
+                (delivery,) = await pump.take(1, self.redelivery_timeout, "bursts")
+                seen[delivery.body] = seen.get(delivery.body, 0) + 1
+                if delivery.redelivered:
+                    assert delivery.body in requeued, (
+                        f"{delivery.body!r} came back redelivered though nothing failed"
+                    )
+                pause = rng.choice([0.0, 0.0, 0.01, 0.03, 0.06])
+                running.append(asyncio.create_task(finish(delivery, pause, fates[delivery.body])))
+            await asyncio.gather(*running)
+            await pump.expect_quiet(self.quiet_s, "a settled message came back")
+            await pump.stop()
+        twice = sorted(b for b, n in seen.items() if n > 1 and b not in requeued)
+        assert not twice, f"{len(twice)} messages were delivered twice: {twice[:5]}"
+        assert all(seen[b] == 2 for b in requeued), "a requeued message comes back exactly once"
+        await self.wait_depth(adapter, queue, 0, 0, 0)

@@ -62,40 +62,35 @@ class Op(NamedTuple):
     base: str = ""  # for claim: the list the staged item came from (key = the staging list)
 
 
-class _Shared(asyncio.Future[None]):
-    """The outcome of one flush, awaited by every submitter of that flush. A cancelled
-    submitter must not cancel it for the others: ``cancel`` refuses, so the cancelled task
-    gets its ``CancelledError`` when the flush is over (asyncio's rule for such futures)."""
-
-    def cancel(self, msg: Any = None) -> bool:
-        return False
-
-
 class Batcher:
     """Coalesces operations submitted during one loop tick into one ``flush`` call; every
-    submitter awaits the shared outcome of the flush that carried its operation."""
+    submitter awaits the shared outcome of the flush that carried its operation.
+
+    A submitter that is cancelled (or times out) stops waiting at once; the flush goes on for
+    the others, so its operation may still reach Redis: the caller learns only that nothing
+    was confirmed."""
 
     def __init__(self, flush: Callable[[list[Op]], Awaitable[None]]) -> None:
         self._flush = flush
         self._ops: list[Op] = []
-        self._done: _Shared | None = None
+        self._done: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def submit(self, op: Op) -> None:
         self._ops.append(op)
         done = self._done
         if done is None:
-            done = self._done = _Shared()
+            done = self._done = asyncio.get_running_loop().create_future()
         if self._task is None:
             self._task = asyncio.create_task(self._run())
-        await done
+        await asyncio.shield(done)
 
     def post(self, op: Op) -> None:
         """Submit ``op`` without waiting for its flush (its failure is the flush callback's
         to report)."""
         self._ops.append(op)
         if self._done is None:
-            self._done = _Shared()
+            self._done = asyncio.get_running_loop().create_future()
         if self._task is None:
             self._task = asyncio.create_task(self._run())
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import quote
 
@@ -236,6 +236,17 @@ class RedisServer:
         """Stop and start again on the same port (all data is lost: there is no persistence)."""
         self.stop()
         self.start()
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server stopped with SIGSTOP (connections stay open, nothing answers) until the
+        block ends, then resumed."""
+        assert self._process is not None, "redis-server is not running"
+        _signal_group(self._process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            _signal_group(self._process.pid, signal.SIGCONT)
 
     def running(self) -> bool:
         return self._process is not None and self._process.alive()

@@ -799,3 +799,25 @@ async def test_delivery_token_and_repr_stay_opaque(adapter: RedisAdapter) -> Non
     assert "token" not in repr(delivery)
     await adapter.settle(delivery, Ack())
     await stream.aclose()  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(60)
+async def test_a_callers_timeout_takes_effect_against_a_frozen_broker(
+    redis_url: str, redis_server: Any
+) -> None:
+    """``asyncio.wait_for(queue.send_task(...), 1)`` returns after about a second, not after
+    the 10 s socket timeout: the shared publish batch goes on without the caller, who learns
+    only that nothing was confirmed."""
+    from serve_queue import TaskQueue
+
+    queue = TaskQueue(redis_url, results=None)
+    await queue.send_task("tasks.warm", args=[])  # connected before the freeze
+    try:
+        with redis_server.frozen():
+            started = time.monotonic()
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(queue.send_task("tasks.add", args=[1, 2]), 1.0)
+            waited = time.monotonic() - started
+            assert waited < 3.0, f"the caller's timeout took {waited:.1f}s to take effect"
+    finally:
+        await asyncio.wait_for(queue.close(), 30)

@@ -47,16 +47,34 @@ def encode_envelope(queue: str, message: OutgoingMessage) -> bytes:
     return json.dumps(envelope).encode("utf-8")
 
 
+#: what json raises on input it cannot take: bad JSON (UnicodeDecodeError included), nesting
+#: deeper than the decoder can follow, or a value too big for memory
+_UNDECODABLE = (ValueError, RecursionError, MemoryError)
+
+
 def decode_delivery(item: bytes, queue: str, token: Any, malformed: bool | None) -> Delivery:
     """A Delivery for one list item; a broken envelope yields ``envelope_error`` + raw body.
 
+    Total: no item, however deep, big or odd, makes it raise; whatever goes wrong becomes the
+    ``envelope_error`` of a delivery the consumer dead-letters with the original bytes.
     ``malformed`` says whether the fetch script found no ``properties.delivery_tag``; ``None``
     decides it here, as that script would, and stores the verdict in ``token.malformed``.
     """
     try:
+        return _decode(item, queue, token, malformed)
+    except Exception as exc:  # a bug here must not stop the consumer: quarantine the item
+        if malformed is None:
+            token.malformed = True
+        return _broken(item, queue, token, f"undecodable envelope ({type(exc).__name__})",
+                       token.malformed)  # fmt: skip
+
+
+def _decode(item: bytes, queue: str, token: Any, malformed: bool | None) -> Delivery:
+    try:
         envelope = json.loads(item.decode("utf-8"))  # str: skips json's encoding sniffing
-    except ValueError as exc:  # UnicodeDecodeError included
-        return _broken(item, queue, token, f"list item is not JSON ({exc})", malformed)
+    except _UNDECODABLE as exc:
+        reason = str(exc)[:200] if isinstance(exc, ValueError) else type(exc).__name__
+        return _broken(item, queue, token, f"list item is not JSON ({reason})", malformed)
     if not isinstance(envelope, dict):
         return _broken(item, queue, token, "list item is not a JSON object", malformed)
     properties = envelope.get("properties")
@@ -127,7 +145,7 @@ def mark_redelivered(item: bytes) -> bytes:
     restore does; an item that is not a JSON object comes back unchanged."""
     try:
         envelope = json.loads(item)
-    except ValueError:
+    except _UNDECODABLE:
         return item
     if not isinstance(envelope, dict):
         return item
@@ -150,7 +168,7 @@ def unacked_entry(value: bytes) -> tuple[bytes, str, str, int] | None:
     routing key, priority); ``None`` if it is not ``[object, str, str]``."""
     try:
         envelope, exchange, routing_key = json.loads(value)
-    except (ValueError, TypeError):
+    except (*_UNDECODABLE, TypeError):
         return None
     if not (isinstance(envelope, dict) and isinstance(exchange, str)):
         return None

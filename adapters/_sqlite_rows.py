@@ -116,8 +116,10 @@ def delivery(row: MessageRow, stream: Stream) -> Delivery:
     error = None
     try:
         headers, properties = decode_mapping(row.headers), decode_mapping(row.properties)
-    except (TypeError, ValueError) as exc:
-        headers, properties, error = {}, {}, f"unreadable headers or properties: {exc}"
+    except (TypeError, ValueError, RecursionError, MemoryError) as exc:
+        # RecursionError: nested past what the decoder can follow; MemoryError: too big
+        detail = str(exc)[:200] or type(exc).__name__
+        headers, properties, error = {}, {}, f"unreadable headers or properties: {detail}"
     body = row.body if isinstance(row.body, bytes) else str(row.body).encode()
     return Delivery(
         body=body,
@@ -135,7 +137,7 @@ def delivery(row: MessageRow, stream: Stream) -> Delivery:
 def dead_lettered(row: DeadLetterRow) -> DeadLetteredMessage:
     try:
         headers, properties = decode_mapping(row.headers), decode_mapping(row.properties)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError, MemoryError):
         headers, properties = {"raw": row.headers}, {"raw": row.properties}
     return DeadLetteredMessage(
         queue=row.queue,

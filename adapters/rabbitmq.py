@@ -252,18 +252,24 @@ class RabbitMQAdapter:
         props = message.header.properties
         tag = message.delivery_tag
         assert tag is not None  # sessions only hand out consumer deliveries
+        # AMQP has no envelope to break; its unusable message is one without a content type
+        # (a Celery worker crashes on it): flag it so it is dead-lettered as it is
+        error = None if props.content_type else "AMQP message has no content_type"
+        try:
+            headers, properties = normalize(dict(props.headers or {})), incoming_properties(message)
+        except Exception as exc:  # RecursionError, MemoryError too: quarantine the message
+            headers, properties = {}, {}
+            error = f"unreadable AMQP headers or properties ({type(exc).__name__})"
         return Delivery(
             body=bytes(message.body),
             content_type=props.content_type or "",
             content_encoding=props.content_encoding or "",
-            headers=normalize(dict(props.headers or {})),
-            properties=incoming_properties(message),
+            headers=headers,
+            properties=properties,
             queue=queue,
             redelivered=bool(message.redelivered),
             token=_Token(session, tag),
-            # AMQP has no envelope to break; its unusable message is one without a content
-            # type (a Celery worker crashes on it): flag it so it is dead-lettered as it is
-            envelope_error=None if props.content_type else "AMQP message has no content_type",
+            envelope_error=error,
         )
 
     # -- settling --------------------------------------------------------------------------

@@ -38,6 +38,8 @@ log = logging.getLogger("serve_queue.consumer")
 _BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 #: how often a broker that looks down is probed
 _PROBE_S = 0.5
+#: crashes of the fetch loop in a row after which the consumer reports itself unhealthy
+_FETCH_FAILURES_UNHEALTHY = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,9 @@ class Consumer:
         self._broker_down_since: float | None = None
         self._last_error: str = ""
         self._loop_lag = 0.0
+        self._fetch_failures = 0  # crashes of the fetch loop in a row (not broker outages)
+        self._fetch_causes: set[str] = set()  # logged already
+        self._fetch_error = ""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -179,6 +184,10 @@ class Consumer:
             return Health(False, "consumer stopped")
         if self._fetcher is not None and self._fetcher.done() and not self._fetcher.cancelled():
             return Health(False, f"fetch loop ended: {self._fetcher.exception()!r}")
+        if self._fetch_failures >= _FETCH_FAILURES_UNHEALTHY:
+            return Health(
+                False, f"fetch loop failed {self._fetch_failures} times: {self._fetch_error}"
+            )
         down = self._broker_down_since
         if down is not None and time.monotonic() - down > self.config.health_grace_s:
             return Health(
@@ -214,7 +223,7 @@ class Consumer:
         while True:
             try:
                 async for delivery in self.adapter.deliveries(self.config.queues, prefetch):
-                    attempt = 0
+                    attempt = self._fetch_failures = 0
                     self._broker_up()
                     await self._slots.acquire()
                     self._spawn(delivery)
@@ -223,8 +232,23 @@ class Consumer:
                 log.warning("broker error while fetching, retrying: %s", exc)
                 await asyncio.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)])
                 attempt += 1
+            except Exception as exc:  # a bug (ours or the client's): never end the loop
+                self._fetch_failed(exc)
+                await asyncio.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)])
+                attempt += 1
             else:
                 await asyncio.sleep(_BACKOFF_S[0])  # the adapter ended its stream: go again
+
+    def _fetch_failed(self, exc: Exception) -> None:
+        """Count a crash of the fetch loop; log each distinct cause once, with its traceback.
+        ``health()`` is unhealthy from the ``_FETCH_FAILURES_UNHEALTHY``-th crash in a row
+        until a delivery comes through again."""
+        self._fetch_failures += 1
+        cause = f"{type(exc).__name__}: {exc}"[:300]
+        if cause not in self._fetch_causes:
+            self._fetch_causes.add(cause)
+            log.error("the fetch loop failed (restarting it with backoff): %s", cause, exc_info=exc)
+        self._fetch_error = cause
 
     async def _watch_broker(self) -> None:
         """While the broker looks down, probe it: it is back as soon as it answers, even when

@@ -71,6 +71,7 @@ from serve_queue.types import (
     QueueDepth,
     Requeue,
 )
+from tests.adapters.fuzz import hostile_items
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -160,6 +161,7 @@ class AdapterContract:
     quiet_s: ClassVar[float] = 0.5
     depth_timeout: ClassVar[float] = 5.0
     supports_priority: ClassVar[bool] = True
+    fuzz_cases: ClassVar[int] = 120
 
     # -- hooks --------------------------------------------------------------------------
 
@@ -606,4 +608,47 @@ class AdapterContract:
         twice = sorted(b for b, n in seen.items() if n > 1 and b not in requeued)
         assert not twice, f"{len(twice)} messages were delivered twice: {twice[:5]}"
         assert all(seen[b] == 2 for b in requeued), "a requeued message comes back exactly once"
+        await self.wait_depth(adapter, queue, 0, 0, 0)
+
+    # -- n. hostile items never stop the stream ---------------------------------------------
+
+    @pytest.mark.timeout(120)
+    async def test_hostile_items_are_delivered_for_dead_lettering_and_never_stop_it(
+        self,
+    ) -> None:
+        """Fuzz (seeded, ``fuzz_cases`` items): deep nesting, huge values, random bytes and
+        mutated envelopes, with valid messages interleaved. The stream never stops, every
+        item is delivered once, the valid ones intact, and the queue ends empty."""
+        if type(self).push_raw is AdapterContract.push_raw:
+            pytest.skip("this broker has no raw push hook")
+        rng = random.Random(16)
+        queue = self.queue_name("fuzz")
+        adapter = await self.open()
+        hostile = list(hostile_items(rng, self.fuzz_cases))
+        valid = [f"valid-{i}".encode() for i in range(self.fuzz_cases // 4)]
+        for i, raw in enumerate(hostile):
+            await self.push_raw(queue, raw)
+            if i % 4 == 0 and valid[i // 4 :]:
+                await adapter.publish(queue, OutgoingMessage(body=valid[i // 4]))
+        pump = self.consume(adapter, [queue], prefetch=20)
+        got: list[Delivery] = []
+        for _ in range(len(hostile) + len(valid)):
+            (delivery,) = await pump.take(1, self.redelivery_timeout, "fuzz")
+            got.append(delivery)
+            if delivery.envelope_error is None and delivery.body in valid:
+                await adapter.settle(delivery, Ack())
+            else:
+                await adapter.settle(delivery, DeadLetter(delivery.envelope_error or "fuzz"))
+        await pump.expect_quiet(self.quiet_s, "a settled fuzz item came back")
+        assert sorted(d.body for d in got if d.envelope_error is None and d.body in valid) == (
+            sorted(valid)
+        ), "every valid message arrives once, intact"
+        flagged = [d for d in got if d.envelope_error is not None]
+        assert all(d.body in hostile for d in flagged), "a flagged item keeps its original bytes"
+        letters = await self.eventually(
+            lambda: self.dead_letters(adapter, queue),
+            lambda letters: len(letters) == len(hostile),
+            "every hostile item is dead-lettered",
+        )
+        assert all(reason for _, reason in letters)
         await self.wait_depth(adapter, queue, 0, 0, 0)

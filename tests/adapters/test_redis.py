@@ -56,7 +56,7 @@ def unwrap_dead_letter(record: bytes | str) -> tuple[bytes, bytes, dict[str, Any
         item = parsed["item"].encode("utf-8")
     try:
         body = base64.b64decode(json.loads(item)["body"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         body = item
     return body, item, parsed
 

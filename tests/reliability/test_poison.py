@@ -131,3 +131,101 @@ async def test_a_crashing_fetch_loop_restarts_logs_once_and_reports_unhealthy(
     logged = [r for r in caplog.records if "fetch loop failed" in r.getMessage()]
     assert len(logged) == 1, "one cause is logged once, however often it recurs"
     await producer.close()
+
+
+def hostile_amqp(rng: random.Random, count: int) -> list[tuple[bytes, dict[str, Any]]]:
+    """(body, headers) pairs: hostile bodies, and Celery headers with wrong types at every
+    field (a table 200 deep among them)."""
+    wrong: list[Any] = [None, 5, -1, 2**62, 1.5, "", "x" * 5000, [], [1, [2]], {}, True]
+    nested: Any = 1
+    for _ in range(200):
+        nested = {"a": nested}
+    wrong.append(nested)
+    fields = ["task", "id", "retries", "eta", "expires", "timelimit", "argsrepr", "root_id"]
+    bodies = list(hostile_items(rng, count))
+    out = []
+    for serial, body in enumerate(bodies):
+        headers: dict[str, Any] = {"task": "poison.add", "id": f"bad-{serial}", "lang": "py"}
+        headers[rng.choice(fields)] = rng.choice(wrong)
+        if rng.random() < 0.5:  # a valid body under broken headers
+            body = json.dumps([[serial, 1], {}, {}]).encode()
+            headers["task"] = rng.choice(wrong) if headers["task"] == "poison.add" else 7
+        out.append((body, headers))
+    return out
+
+
+@pytest.mark.timeout(120)
+async def test_fuzz_on_rabbitmq_every_valid_task_succeeds_and_every_bad_item_is_dead_lettered(
+    amqp_url: str, redis_url: str
+) -> None:
+    """150 hostile messages (seed 16) among valid tasks, on a real rabbitmq-server: wrong
+    header types, deep tables and bad bodies are dead-lettered; the consumer never stops."""
+    import aio_pika
+
+    rng = random.Random(16)
+    hostile = hostile_amqp(rng, 150)
+    queue = TaskQueue(amqp_url, results=redis_url.rsplit("/", 1)[0] + "/1")
+    results = []
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue("celery", durable=True)
+        for i, (body, headers) in enumerate(hostile):
+            message = aio_pika.Message(body, headers=headers, content_type="application/json",
+                                       content_encoding="utf-8")  # fmt: skip
+            await channel.default_exchange.publish(message, routing_key="celery")
+            if i % 3 == 0:
+                results.append((i, await queue.send_task("poison.add", args=[i, 1])))
+        worker = queue.worker(Handlers(), concurrency=50)
+        async with worker:
+            for i, result in results:
+                assert await result.get(timeout=20) == i + 1
+            deadline = time.monotonic() + 20
+            while (await worker.adapter.depth("celery.dlq")).ready < len(hostile):
+                assert time.monotonic() < deadline, "not every hostile message was dead-lettered"
+                await asyncio.sleep(0.1)
+            assert worker.health().ok, worker.health()
+            assert (await worker.adapter.depth("celery")).total == 0
+    finally:
+        await connection.close()
+        await queue.close()
+
+
+@pytest.mark.timeout(120)
+async def test_fuzz_on_sqlite_every_valid_task_succeeds_and_every_bad_item_is_dead_lettered(
+    tmp_path: Any,
+) -> None:
+    """150 hostile rows (seed 16) among valid tasks in the embedded broker's own file:
+    unreadable header/property columns and hostile bodies under sane ones."""
+    import sqlite3
+
+    rng = random.Random(16)
+    hostile = list(hostile_items(rng, 150))
+    queue = TaskQueue(f"sqlite:///{tmp_path / 'fuzz.db'}")
+    results = [(-1, await queue.send_task("poison.add", args=[0, 0]))]  # creates the schema
+    for i, raw in enumerate(hostile):
+        text = raw.decode(errors="replace")
+        columns = (text, text) if i % 2 else ('{"task": "poison.add"}', "{}")
+        with sqlite3.connect(tmp_path / "fuzz.db") as conn:
+            conn.execute(
+                "INSERT INTO messages (queue, body, content_type, content_encoding, headers, "
+                "properties, enqueued_at, ready_at) VALUES (?, ?, 'application/json', 'utf-8', "
+                "?, ?, 0, 0)",
+                ("celery", raw, *columns),
+            )
+        if i % 3 == 0:
+            results.append((i, await queue.send_task("poison.add", args=[i, 1])))
+    worker = queue.worker(Handlers(), concurrency=50)
+    try:
+        async with worker:
+            for i, result in results:
+                assert await result.get(timeout=20) == i + 1
+            deadline = time.monotonic() + 20
+            while (await worker.adapter.depth("celery")).total:
+                assert time.monotonic() < deadline, "hostile rows left on the queue"
+                await asyncio.sleep(0.1)
+            assert worker.health().ok, worker.health()
+            letters = await worker.adapter.dead_letters("celery")  # type: ignore[attr-defined]
+            assert len(letters) == len(hostile) and all(letter.reason for letter in letters)
+    finally:
+        await queue.close()

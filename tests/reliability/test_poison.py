@@ -7,8 +7,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import pytest
 import redis.asyncio as aioredis
@@ -20,6 +20,8 @@ from serve_queue.registry import Registry
 from serve_queue.results.local import MemoryResultBackend
 from serve_queue.types import Delivery
 from tests.adapters.fuzz import hostile_items
+
+T = TypeVar("T")
 
 
 class Handlers:
@@ -34,6 +36,23 @@ async def dead_letter_reasons(url: str, queue: str) -> list[str]:
         return [json.loads(r)["reason"] for r in await client.lrange(f"{queue}.dlq", 0, -1)]
     finally:
         await client.aclose()
+
+
+async def all_succeed(results: list[tuple[int, Any]]) -> None:
+    """Every valid task ``poison.add(i, 1)`` returned ``i + 1``."""
+    for i, result in results:
+        assert await result.get(timeout=20) == i + 1
+
+
+async def until(
+    probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], why: str, timeout: float = 20
+) -> T:
+    """Probe every 0.1 s until ``ok``; fail with ``why`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not ok(value := await probe()):
+        assert time.monotonic() < deadline, f"{why}: {value!r}"
+        await asyncio.sleep(0.1)
+    return value
 
 
 @pytest.mark.timeout(60)
@@ -75,12 +94,12 @@ async def test_fuzz_on_redis_every_valid_task_succeeds_and_every_bad_item_is_dea
                 results.append((i, await queue.send_task("poison.add", args=[i, 1])))
         worker = queue.worker(Handlers(), concurrency=50)
         async with worker:
-            for i, result in results:
-                assert await result.get(timeout=20) == i + 1
-            deadline = time.monotonic() + 20
-            while len(await dead_letter_reasons(redis_url, "celery")) < len(hostile):
-                assert time.monotonic() < deadline, "not every hostile item was dead-lettered"
-                await asyncio.sleep(0.1)
+            await all_succeed(results)
+            await until(
+                lambda: dead_letter_reasons(redis_url, "celery"),
+                lambda reasons: len(reasons) >= len(hostile),
+                "not every hostile item was dead-lettered",
+            )
             assert worker.health().ok, worker.health()
             depth = await worker.adapter.depth("celery")
             assert depth.total == 0, depth
@@ -178,12 +197,12 @@ async def test_fuzz_on_rabbitmq_every_valid_task_succeeds_and_every_bad_item_is_
                 results.append((i, await queue.send_task("poison.add", args=[i, 1])))
         worker = queue.worker(Handlers(), concurrency=50)
         async with worker:
-            for i, result in results:
-                assert await result.get(timeout=20) == i + 1
-            deadline = time.monotonic() + 20
-            while (await worker.adapter.depth("celery.dlq")).ready < len(hostile):
-                assert time.monotonic() < deadline, "not every hostile message was dead-lettered"
-                await asyncio.sleep(0.1)
+            await all_succeed(results)
+            await until(
+                lambda: worker.adapter.depth("celery.dlq"),
+                lambda depth: depth.ready >= len(hostile),
+                "not every hostile message was dead-lettered",
+            )
             assert worker.health().ok, worker.health()
             assert (await worker.adapter.depth("celery")).total == 0
     finally:

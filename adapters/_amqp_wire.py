@@ -140,11 +140,24 @@ def outgoing_properties(
         reply_to=_text(props.get("reply_to")),
         expiration=expiration if copy else (expiration or _text(props.get("expiration"))),
         message_id=_text(props.get("message_id")),
-        timestamp=props.get("timestamp") if isinstance(props.get("timestamp"), datetime) else None,
+        timestamp=_timestamp(props.get("timestamp")),
         message_type=_text(props.get("type")),
         user_id=None if copy else _text(props.get("user_id")),
         app_id=_text(props.get("app_id")),
     )
+
+
+def _timestamp(value: Any) -> datetime | None:
+    """The AMQP ``timestamp`` (whole seconds on the wire): a datetime, or epoch seconds as a
+    number (what the serve_queue producer stamps); anything else is left out."""
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        return None
+    try:
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _text(value: Any) -> str | None:

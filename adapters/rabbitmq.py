@@ -40,7 +40,9 @@ Deliveries of the dead channel were requeued by the broker; settling them is a n
 
 Depth: ``ready`` from a passive ``queue.declare``, ``delayed`` from the delay queues',
 ``reserved`` = this adapter's own unacked deliveries (AMQP cannot count other consumers'
-without the management plugin; each replica reports its own).
+without the management plugin; each replica reports what it runs, and ``BacklogPolicy`` adds
+those up). ``oldest_age_s`` is an estimate from this adapter's own deliveries (AMQP cannot
+peek at a queue's head): see ``_amqp_age``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
+from serve_queue.adapters._amqp_age import DeliveryClock
 from serve_queue.adapters._amqp_link import AMQPLink, translated
 from serve_queue.adapters._amqp_rpc import RPCResultBackend
 from serve_queue.adapters._amqp_session import ConsumeSession
@@ -138,6 +141,7 @@ class RabbitMQAdapter:
             declare_dead_letter=declare_dead_letter,
         )
         self._sessions: set[ConsumeSession] = set()
+        self._clock = DeliveryClock()
         self._watchdog: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -260,6 +264,7 @@ class RabbitMQAdapter:
         except Exception as exc:  # RecursionError, MemoryError too: quarantine the message
             headers, properties = {}, {}
             error = f"unreadable AMQP headers or properties ({type(exc).__name__})"
+        self._clock.delivered(queue, props.timestamp, time.time())
         return Delivery(
             body=bytes(message.body),
             content_type=props.content_type or "",
@@ -337,7 +342,8 @@ class RabbitMQAdapter:
                 delayed += await self._count(delay_queue(queue, rung)) or 0
         live = [s for s in self._sessions if not s.dead]
         reserved = sum(1 for s in live for held in s.held.values() if held.queue == queue)
-        return QueueDepth(ready=ready, reserved=reserved, delayed=delayed)
+        oldest = self._clock.oldest(queue, ready, time.time())
+        return QueueDepth(ready=ready, reserved=reserved, delayed=delayed, oldest_age_s=oldest)
 
     async def _count(self, queue: str) -> int | None:
         """Messages ready in ``queue`` (passive declare), None if it does not exist."""

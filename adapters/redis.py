@@ -67,6 +67,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
+from serve_queue.adapters._redis_age import HeadClock
 from serve_queue.adapters._redis_envelope import (
     dead_letter_record,
     decode_delivery,
@@ -153,6 +154,7 @@ class RedisAdapter:
         self._store: InflightStore | None = None
         self._blocking: Redis | None = None
         self._inflight: dict[bytes, Token] = {}
+        self._heads = HeadClock()
         self._settling = 0  # settled by the caller, not yet flushed to Redis
         self._room = asyncio.Event()
         self._fetch_lock = asyncio.Lock()
@@ -501,16 +503,29 @@ class RedisAdapter:
 
     async def depth(self, queue: str) -> QueueDepth:
         """Ready (4 priority lists + staging), reserved (in flight anywhere: ``unacked``
-        records routed to this queue, malformed ones too), delayed (our delayed zset)."""
+        records routed to this queue, malformed ones too), delayed (our delayed zset); while
+        something is ready, the oldest age of the lists' heads (``_redis_age``)."""
         store = self._require()
         q = quoted(queue)
         try:
             ready, reserved, delayed = await store.depth(
                 keys=self._keys.depth_keys(queue), args=[f", {q}]", f",{q}]"]
             )
+            oldest = await self._oldest_age(store, queue) if ready else None
         except _CLIENT_ERRORS as exc:
             raise self._error(exc, "depth") from exc
-        return QueueDepth(ready=ready, reserved=reserved, delayed=delayed, oldest_age_s=None)
+        return QueueDepth(ready=ready, reserved=reserved, delayed=delayed, oldest_age_s=oldest)
+
+    async def _oldest_age(self, store: InflightStore, queue: str) -> float | None:
+        """Peek (``LINDEX -1``, one pipeline) the next item of each priority list."""
+        keys = self._keys.list_keys(queue)
+        pipe = store.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.lindex(key, -1)
+        heads = await pipe.execute()
+        return self._heads.oldest(
+            dict(zip(keys, heads, strict=True)), now=time.time(), mono=time.monotonic()
+        )
 
     # -- helpers ----------------------------------------------------------------------------
 

@@ -11,8 +11,9 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +21,7 @@ from serve_queue import protocol, results
 from serve_queue.config import RetryPolicy
 from serve_queue.errors import BrokerUnavailable, ConfigurationError
 from serve_queue.protocol import SendOptions
-from serve_queue.types import BrokerAdapter, ResultBackend
+from serve_queue.types import BrokerAdapter, OutgoingMessage, ResultBackend
 
 __all__ = ["AsyncResult", "Producer"]
 
@@ -136,7 +137,7 @@ class Producer:
         )
         if not self._connected:
             await self.connect()
-        await self._publish(queue or self.default_queue, message)
+        await self._publish(queue or self.default_queue, _stamped(message))
         return AsyncResult(str(message.headers["id"]), self.backend)
 
     def _options(
@@ -183,6 +184,16 @@ class Producer:
                     "publish to %r failed (attempt %d), retrying: %s", queue, attempt + 1, exc
                 )
                 await asyncio.sleep(delays[attempt])
+
+
+def _stamped(message: OutgoingMessage) -> OutgoingMessage:
+    """``message`` with its send time as the ``timestamp`` property (epoch seconds), which
+    autoscaling reads as the age of waiting messages: the AMQP ``timestamp`` property on
+    RabbitMQ (whole seconds), a property of the kombu envelope on Redis. Celery and kombu
+    carry it and ignore it; Celery's own producer sets none."""
+    if "timestamp" in message.properties:
+        return message
+    return replace(message, properties={**message.properties, "timestamp": time.time()})
 
 
 def _signatures(value: Any) -> list[dict[str, Any]] | None:

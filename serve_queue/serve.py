@@ -8,8 +8,9 @@ class and adds what Serve calls by name:
   (no thread): every ``@task`` method of the instance is registered automatically;
 - ``check_health``: raises when the broker has been unreachable past the grace or the loop
   stalled, so Serve replaces the replica (and recovers on its own within the grace);
-- ``record_autoscaling_stats``: backlog (ready + reserved + delayed), oldest message age and
-  running tasks, for ``BacklogPolicy`` or any custom policy;
+- ``record_autoscaling_stats``: running tasks, the queues' depth and oldest message age as
+  this replica sees them (``serve_queue._autoscaling`` lists the keys), for ``BacklogPolicy``
+  (through Serve's autoscaling context) or any custom policy;
 - ``__del__`` (Serve awaits it as an async destructor): stop fetching, let running handlers
   finish within the drain budget (kept inside ``graceful_shutdown_timeout_s``), hand
   everything else back at once. Outside a replica it does nothing: the class stays a plain
@@ -30,6 +31,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
+from serve_queue._autoscaling import Reading, combine, replica_stats, sum_depths
 from serve_queue.config import ConsumerConfig
 from serve_queue.consumer import Consumer
 from serve_queue.errors import ConfigurationError, ServeQueueError
@@ -85,7 +87,7 @@ def consumer_deployment(queue: QueueSource, config: ConsumerConfig) -> Callable[
             _raise_if_unhealthy(self)
 
         async def record_autoscaling_stats(self: Any) -> dict[str, float]:
-            return await _autoscaling_stats(replica_consumer(self))
+            return await replica_stats(replica_consumer(self))
 
         def __del__(self: Any) -> Coroutine[Any, Any, None] | None:  # noqa: N807
             # Serve awaits the coroutine this returns (an async destructor). Not `async def`:
@@ -208,40 +210,33 @@ def _drain_budget(config: ConsumerConfig) -> float:
     return max(0.0, min(config.drain_timeout, graceful - waited - _SHUTDOWN_MARGIN_S))
 
 
-async def _autoscaling_stats(consumer: Consumer) -> dict[str, float]:
-    stats: dict[str, float] = {"serve_queue_running": float(consumer.running)}
-    try:
-        depths = await consumer.depth()
-    except ServeQueueError as exc:
-        log.warning("could not read queue depth: %s", exc)
-        return stats
-    total = _sum_depths(depths.values())
-    stats.update(
-        serve_queue_ready=float(total.ready),
-        serve_queue_reserved=float(total.reserved),
-        serve_queue_delayed=float(total.delayed),
-        serve_queue_backlog=float(total.total),
-        serve_queue_oldest_age_s=float(total.oldest_age_s or 0.0),
-    )
-    return stats
-
-
-def _sum_depths(depths: Any) -> QueueDepth:
-    ready = reserved = delayed = 0
-    oldest: float | None = None
-    for d in depths:
-        ready, reserved, delayed = ready + d.ready, reserved + d.reserved, delayed + d.delayed
-        if d.oldest_age_s is not None:
-            oldest = max(oldest or 0.0, d.oldest_age_s)
-    return QueueDepth(ready=ready, reserved=reserved, delayed=delayed, oldest_age_s=oldest)
-
-
 class BacklogPolicy:
     """A Serve autoscaling policy that sizes a consumer deployment by its queue backlog.
 
-    desired replicas = ceil(backlog / target_per_replica), where backlog = ready + reserved
-    messages of the consumed queues (delayed ones are not work yet), read from the broker by
-    the controller itself, so it can scale up from zero replicas, when no replica reports.
+    desired replicas = ceil(backlog / target_per_replica), where, summed over the consumed
+    queues (``serve_queue._autoscaling.combine``)::
+
+        backlog   = ready + in_flight
+        ready     = the broker's ready count, polled by the policy itself in Serve's controller
+                    (so it scales up from zero replicas, when no replica reports)
+        in_flight = max(sum over running replicas of their reported serve_queue_running,
+                        the broker's reserved count from that poll)
+
+    The replicas' numbers come from Serve's ``AutoscalingContext.aggregated_metrics``: what
+    each replica returned from ``record_autoscaling_stats``, aggregated by Serve over
+    ``look_back_period_s`` (``aggregation_function``, a mean by default). They are what makes
+    RabbitMQ work: its broker count of unacked messages is only visible to the connection
+    holding them, so the poll sees 0 in flight there, and a busy deployment with an empty
+    ready queue would look idle. On Redis and SQLite the broker's reserved count is
+    deployment-wide (prefetched messages, other consumers, leases of stopped replicas until
+    they expire) and usually the larger one. Delayed messages (countdown, ETA, delayed
+    retries) are not counted until they are due. Replicas push their stats every
+    ``metrics_interval_s`` (10 s by default): keep ``downscale_delay_s`` above it, or a replica
+    that has just taken work and not yet reported it can be stopped.
+
+    ``oldest_age_s`` (how long the oldest ready message has waited, see ``combine``) is in the
+    reading too, for subclasses that scale on latency: override ``decide``. Each call returns
+    ``Reading.as_state()`` as the policy state, which Serve keeps and hands back.
     Serve applies its own bounds and up/down-scale delays on top. Build it with
     ``TaskQueue.autoscaling_policy``, which hands Serve ``as_serve_policy()``: the instance
     travels pickled with the queue's settings, and Serve's config shows only a redacted
@@ -262,12 +257,12 @@ class BacklogPolicy:
         self.queues = tuple(queues)
         self.target_per_replica = target_per_replica
         self.poll_interval_s = poll_interval_s
-        self._backlog = 0
+        self._broker = QueueDepth()
         self._poll: asyncio.Task[None] | None = None
         self._last_poll = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_backlog": 0, "_poll": None, "_last_poll": 0.0}
+        return {**self.__dict__, "_broker": QueueDepth(), "_poll": None, "_last_poll": 0.0}
 
     def as_serve_policy(self) -> Any:
         """This policy as a ``ray.serve.config.AutoscalingPolicy``.
@@ -297,11 +292,19 @@ class BacklogPolicy:
             self._poll is None or self._poll.done()
         ) and now - self._last_poll >= self.poll_interval_s:
             self._last_poll = now
-            self._poll = asyncio.get_running_loop().create_task(self._read_backlog())
-        desired = math.ceil(self._backlog / self.target_per_replica)
-        return desired, {"serve_queue_backlog": self._backlog}
+            self._poll = asyncio.get_running_loop().create_task(self._read_broker())
+        reading = self.reading(ctx)
+        return self.decide(reading), reading.as_state()
 
-    async def _read_backlog(self) -> None:
+    def reading(self, ctx: Any) -> Reading:
+        """The latest broker poll combined with what Serve's context holds of the replicas."""
+        return combine(self._broker, getattr(ctx, "aggregated_metrics", None))
+
+    def decide(self, reading: Reading) -> int:
+        """Replicas wanted for ``reading`` (before Serve's bounds and delays)."""
+        return math.ceil(reading.backlog / self.target_per_replica)
+
+    async def _read_broker(self) -> None:
         """One short-lived connection per poll: nothing is left open in Serve's controller
         when the deployment is redeployed or deleted and this policy is dropped."""
         adapter = self.queue.open_adapter()
@@ -314,5 +317,4 @@ class BacklogPolicy:
         finally:
             with contextlib.suppress(ServeQueueError):
                 await adapter.close()
-        total = _sum_depths(depths)
-        self._backlog = total.ready + total.reserved
+        self._broker = sum_depths(depths)

@@ -111,8 +111,21 @@ class QueueDepth:
     """How much work a queue holds, for autoscaling.
 
     ``ready``: waiting to be delivered; ``reserved``: delivered and not yet settled (in flight,
-    prefetched); ``delayed``: parked until a future time. ``oldest_age_s`` is the age of the
-    oldest ready message when the broker can tell (``None`` when it cannot).
+    prefetched); ``delayed``: parked until a future time.
+
+    ``oldest_age_s``: how long the oldest ready message has waited, in seconds, as well as the
+    adapter can tell; ``None`` when it cannot or nothing is ready. What it measures depends
+    on the broker:
+
+    - SQLite, memory: exact, from the time the broker recorded the message;
+    - Redis: the age of the next message of each priority list (peeked, ``LINDEX -1``) by the
+      ``timestamp`` the serve_queue producer stamps in the envelope; for a head without one
+      (Celery's producer, retries), a lower bound: how long this adapter has seen that item
+      at the head (``None`` the first time);
+    - RabbitMQ: an estimate from this adapter's own deliveries (AMQP cannot peek): now minus
+      the later of the send time (AMQP ``timestamp``) of the newest message delivered here and
+      the last time it saw the queue empty. An upper bound for stamped FIFO traffic; for
+      unstamped messages, how long the queue has not moved for this consumer.
     """
 
     ready: int = 0
